@@ -1,0 +1,1 @@
+"""Prefect flows: composition of sd2 tasks, no science."""

@@ -1,0 +1,254 @@
+"""The `sd2` command line: every stage alone (plain sd2_core calls) and the whole cell (the Prefect flow).
+
+Logs and progress go to stderr; with --json the one result object is the only thing on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sd2_core.errors import UserError
+
+log = logging.getLogger("sd2")
+
+
+def _progress(done: int, total: int, message: str = "") -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {message[:60]:<60}")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def _base_config(args: argparse.Namespace):
+    from sd2_core.config import CellConfig, profile
+
+    if getattr(args, "config", None):
+        try:
+            return CellConfig.model_validate_json(Path(args.config).read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {args.config!r} does not exist") from None
+    return profile(args.profile)
+
+
+def _store(args: argparse.Namespace, base) -> Any:
+    from sd2_core.store import Store
+
+    return Store(args.store or base.store)
+
+
+def _update(model, **changes: Any):
+    """A validated copy of a pydantic config with the given fields changed (None = keep)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return type(model).model_validate({**model.model_dump(), **changes}) if changes else model
+
+
+def cmd_models_materialize(args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+
+    from sd2_core.models import builtin_dir, is_builtin, resolve_local_or_hub
+    from sd2_core.stages import MODEL_FILES
+
+    src = builtin_dir(args.ref) if is_builtin(args.ref) else resolve_local_or_hub(args.ref)
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; pass an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name in MODEL_FILES:
+            shutil.copy2(p, out / p.name)
+            written.append(p.name)
+    return {"ref": args.ref, "out": str(out.resolve()), "files": written}
+
+
+def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core import stages
+
+    base = _base_config(args)
+    store = _store(args, base)
+    source = next((s for s in base.sources if s.kind == args.kind), None)
+    if source is None:
+        raise UserError(f"--kind {args.kind!r} is not a source of profile {args.profile}")
+    source = _update(source, uri=args.source, limit=args.limit)
+    cfg = _update(base.distill, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  seed=args.seed, batch_size=args.batch_size, backend=args.backend)
+    target = stages.materialize_model(store, args.target or base.target)
+    return stages.distill(store, target, source, cfg, progress=_progress).to_dict()
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core import stages
+
+    base = _base_config(args)
+    store = _store(args, base)
+    calibration = _update(base.prune.calibration, uri=args.calibration, n_samples=args.n_samples,
+                          seq_len=args.seq_len)
+    cfg = _update(base.prune, sparsity=args.sparsity, calibration=calibration.model_dump())
+    draft = stages.materialize_model(store, args.draft or base.draft)
+    return stages.prune(store, draft, cfg, progress=_progress).to_dict()
+
+
+def _parse_mix(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise UserError(f"--mix {text!r}: expected kind=weight pairs like general=0.75,translation=0.125") from None
+    return mix
+
+
+def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core import stages
+
+    base = _base_config(args)
+    store = _store(args, base)
+    cfg = _update(base.finetune, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                  max_seq_len=args.max_seq_len, mix=_parse_mix(args.mix), seed=args.seed)
+    draft = stages.materialize_model(store, args.draft)
+    distilled = []
+    for ref in args.distilled:
+        found = stages._store_ref_of(store, ref)
+        if found is None or found.stage != "distill":
+            raise UserError(f"--distilled {ref!r} is not a complete distill artifact of store {store.uri} "
+                            "(pass what `sd2 distill --json` printed as key, as distill/<key>)")
+        distilled.append(found)
+    return stages.finetune(store, draft, distilled, cfg, progress=_progress).to_dict()
+
+
+def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core import stages
+
+    base = _base_config(args)
+    store = _store(args, base)
+    cfg = _update(base.mal, k=args.k, max_new_tokens=args.max_new_tokens, prompts=args.prompts,
+                  per_category=args.per_category)
+    target = stages.materialize_model(store, args.target or base.target)
+    draft = stages.materialize_model(store, args.draft or base.draft)
+    ref = stages.reference(store, target, cfg, progress=_progress)
+    result = stages.mal(store, target, draft, ref, cfg, progress=_progress)
+    return {**result.summary, "artifacts": {"mal": result.uri, "reference": ref.uri, "target": target.uri,
+                                            "draft": draft.uri}}
+
+
+def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.cell import cell_flow
+
+    base = _base_config(args)
+    prune = _update(base.prune, sparsity=args.sparsity)
+    cfg = _update(base, target=args.target, draft=args.draft, store=args.store, prune=prune.model_dump())
+    start = time.time()
+    summary = cell_flow(config=cfg)
+    summary["wall_seconds"] = round(time.time() - start, 2)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd2", description="Self-distilled sparse drafters (SD²)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help="default settings")
+        p.add_argument("--config", help="a CellConfig JSON file instead of a profile")
+        p.add_argument("--store", help="artifact store: local folder or s3://bucket/prefix (default ./sd2-store)")
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    p = sub.add_parser("distill", help="the target rewrites one source's answers (self-data distillation)")
+    common(p)
+    p.add_argument("--target", help="target model: built-in name, local HF folder or hub id")
+    p.add_argument("--kind", required=True, choices=["general", "translation", "math"])
+    p.add_argument("--source", help="'embedded', a local .jsonl/.json/.parquet, or hf:<dataset id>")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--backend", choices=["transformers", "vllm"])
+    p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser("prune", help="SparseGPT one-shot pruning of a draft")
+    common(p)
+    p.add_argument("--draft", help="draft model: built-in name, local HF folder or hub id")
+    p.add_argument("--sparsity", help="fraction in (0,1) or N:M, e.g. 0.5 or 2:4")
+    p.add_argument("--calibration", help="'embedded', a local .txt/.jsonl, or hf:<dataset id>")
+    p.add_argument("--n-samples", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("finetune", help="sparse fine-tuning on distilled data, masks fixed")
+    common(p)
+    p.add_argument("--draft", required=True, help="pruned draft: prune/<key>, its folder, or any model reference")
+    p.add_argument("--distilled", nargs="+", required=True, help="distill artifacts: distill/<key> ...")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (default: paper's Appendix A value)")
+    p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--mix", help="source weights, e.g. general=0.75,translation=0.125,math=0.125")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("mal", help="Mean Accepted Length of a draft against a target")
+    common(p)
+    p.add_argument("--target", help="target model reference")
+    p.add_argument("--draft", help="draft model reference (e.g. finetune/<key>)")
+    p.add_argument("--k", type=int, help="draft tokens per verification step (default 5)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--prompts", help="JSONL with {prompt} or {turns} rows (default: SpecBench)")
+    p.add_argument("--per-category", type=int, help="first N prompts of each category")
+    p.set_defaults(fn=cmd_mal)
+
+    p = sub.add_parser("cell", help="one SD² cell end to end as a Prefect flow")
+    common(p)
+    p.add_argument("--target")
+    p.add_argument("--draft")
+    p.add_argument("--sparsity", help="fraction in (0,1) or N:M")
+    p.set_defaults(fn=cmd_cell)
+
+    models = sub.add_parser("models", help="model references")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    p = msub.add_parser("materialize", help="write any model reference as a plain Hugging Face folder")
+    p.add_argument("ref")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_models_materialize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
+    try:
+        result = args.fn(args)
+    except (UserError, ValidationError) as exc:
+        sys.stderr.write(f"sd2: error: {exc}\n")
+        return 2
+    _emit(args, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

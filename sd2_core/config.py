@@ -1,0 +1,177 @@
+"""Typed configuration for every stage and for a cell.
+
+The same objects are the Prefect flow parameters (the UI renders them as a form) and the input
+of each stage's cache key, so every field that changes a result lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sd2_core.errors import UserError
+
+SourceKind = Literal["general", "translation", "math"]
+Backend = Literal["transformers", "vllm"]
+ProfileName = Literal["smoke", "cpu", "paper"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def digest(self) -> str:
+        """Stable hash of the config's content (part of every cache key)."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+
+
+def canonical_json(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class SourceSpec(_Frozen):
+    """One distillation source: which kind of data, where it comes from, how many rows."""
+
+    kind: SourceKind = Field(description="general instructions, translation pairs or math word problems")
+    uri: str = Field(
+        "embedded",
+        description="'embedded' (small real subset shipped with sd2), a local .jsonl/.json/.parquet "
+        "path, or 'hf:<dataset id>[:split]' for a Hugging Face hub dataset",
+    )
+    limit: int = Field(32, ge=1, description="rows taken from the source (first N after a seeded shuffle)")
+    seed: int = Field(0, description="seed of the shuffle that picks the rows")
+
+
+class DistillConfig(_Frozen):
+    """Self-data distillation: the target rewrites reference answers in its own words."""
+
+    max_new_tokens: int = Field(128, ge=1, description="longest distilled answer, in tokens")
+    temperature: float = Field(0.9, ge=0.0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int = Field(0, description="sampling seed")
+    batch_size: int = Field(8, ge=1, description="prompts generated together")
+    backend: Backend = Field("transformers", description="generation engine: transformers (embedded) or vllm")
+
+
+class CalibrationConfig(_Frozen):
+    """Calibration text for SparseGPT's Hessians."""
+
+    uri: str = Field("embedded", description="'embedded' (shipped C4/Wikipedia text), a local .txt/.jsonl path, or 'hf:<id>'")
+    n_samples: int = Field(16, ge=1, description="number of calibration sequences")
+    seq_len: int = Field(256, ge=8, description="tokens per calibration sequence")
+    seed: int = Field(0, description="seed that picks the text windows")
+
+
+class PruneConfig(_Frozen):
+    """One-shot SparseGPT pruning of the draft's decoder Linear layers."""
+
+    sparsity: str = Field("0.5", description="fraction in (0, 1) such as 0.5, or an N:M pattern such as 2:4")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
+    percdamp: float = Field(0.01, gt=0.0, description="Hessian dampening as a fraction of mean(diag(H))")
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _normalise(cls, value: object) -> str:
+        from sd2_core.pruning.sparsity import parse_sparsity
+
+        try:
+            return parse_sparsity(value).label
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+class FinetuneConfig(_Frozen):
+    """Sparse fine-tuning on the distilled mix with the pruning masks fixed."""
+
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"general": 0.75, "translation": 0.125, "math": 0.125},
+        description="sampling weight of each distilled source (paper: 75/12.5/12.5)",
+    )
+    steps: int = Field(40, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="sequences per step")
+    max_seq_len: int = Field(384, ge=16, description="tokens per training sequence (longer ones are cut)")
+    learning_rate: float | None = Field(None, gt=0.0, description="None = paper's Appendix A value for model size and sparsity")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up fraction of the steps")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    seed: int = Field(0, description="seed of data order and dropout")
+
+
+class MalConfig(_Frozen):
+    """Mean Accepted Length measurement with greedy top-1 verification."""
+
+    k: int = Field(5, ge=1, description="draft tokens proposed per verification step")
+    max_new_tokens: int = Field(64, ge=1, description="tokens generated per turn")
+    prompts: str = Field("specbench", description="'specbench' (the shipped 480 prompts) or a .jsonl path with rows {prompt} or {turns}")
+    per_category: int | None = Field(None, ge=1, description="take only the first N prompts of each category (None = all)")
+
+
+class CellConfig(_Frozen):
+    """One SD² cell: a draft × sparsity variant against one target, end to end."""
+
+    target: str = Field("smollm2-135m-instruct", description="target model: built-in name, local HF folder or hub id")
+    draft: str = Field("smollm2-135m-instruct", description="draft model: built-in name, local HF folder or hub id")
+    store: str = Field("./sd2-store", description="artifact store: local folder or s3://bucket/prefix")
+    profile: ProfileName = Field("cpu", description="the profile these settings came from (recorded, informative)")
+    sources: tuple[SourceSpec, ...] = Field(
+        default=(
+            SourceSpec(kind="general", limit=48),
+            SourceSpec(kind="translation", limit=8),
+            SourceSpec(kind="math", limit=8),
+        ),
+        description="distillation sources",
+    )
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    mal: MalConfig = Field(default_factory=MalConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _one_per_kind(cls, sources: tuple[SourceSpec, ...]) -> tuple[SourceSpec, ...]:
+        kinds = [s.kind for s in sources]
+        if len(set(kinds)) != len(kinds):
+            raise UserError(f"each distillation source kind may appear once, got {kinds}")
+        return sources
+
+
+def profile(name: str, **overrides: object) -> CellConfig:
+    """The named profile's cell config, with top-level fields overridden."""
+    if name == "smoke":
+        base = CellConfig(
+            target="tiny-random-llama",
+            draft="tiny-random-llama",
+            profile="smoke",
+            sources=(
+                SourceSpec(kind="general", limit=4),
+                SourceSpec(kind="translation", limit=2),
+                SourceSpec(kind="math", limit=2),
+            ),
+            distill=DistillConfig(max_new_tokens=8, batch_size=4),
+            prune=PruneConfig(calibration=CalibrationConfig(n_samples=4, seq_len=32)),
+            finetune=FinetuneConfig(steps=4, batch_size=2, max_seq_len=64, learning_rate=1e-3),
+            mal=MalConfig(k=3, max_new_tokens=8, per_category=1),
+        )
+    elif name == "cpu":
+        base = CellConfig(
+            profile="cpu",
+            mal=MalConfig(per_category=2, max_new_tokens=64),
+        )
+    elif name == "paper":
+        base = CellConfig(
+            profile="paper",
+            sources=(
+                SourceSpec(kind="general", uri="hf:Magpie-Align/Magpie-Llama-3.1-Pro-300K-Filtered", limit=100_000),
+                SourceSpec(kind="translation", uri="hf:Helsinki-NLP/opus-100:en-de", limit=16_000),
+                SourceSpec(kind="math", uri="hf:openai/gsm8k:main", limit=7_473),
+            ),
+            distill=DistillConfig(max_new_tokens=4096, batch_size=64, backend="vllm"),
+            prune=PruneConfig(calibration=CalibrationConfig(n_samples=128, seq_len=2048)),
+            finetune=FinetuneConfig(steps=16_000, batch_size=8, max_seq_len=4096),
+            mal=MalConfig(max_new_tokens=1024),
+        )
+    else:
+        raise UserError(f"unknown profile {name!r}; valid profiles: smoke, cpu, paper")
+    return CellConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base

