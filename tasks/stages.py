@@ -42,7 +42,10 @@ def retry_on_transient(task_: Task, task_run: Any, state: Any) -> bool:
 
 
 def _plan(stage_fn: Callable[..., Any], parameters: dict[str, Any]) -> stages.Planned:
-    args = {k: v for k, v in parameters.items() if k != "store"}
+    # A task's parameters arrive as {"store": ..., "kwargs": {...}} (the wrapper takes **kwargs);
+    # run_stage passes them flat.
+    args = {k: v for k, v in parameters.items() if k not in ("store", "kwargs")}
+    args.update(parameters.get("kwargs", {}))
     return stage_fn(Store(parameters["store"]), **args, plan_only=True)
 
 
@@ -116,10 +119,10 @@ _STAGE_OF = {
 }
 
 
-def run_stage(task_: Task, run_name: str | None = None, **parameters: Any) -> ArtifactRef:
+def run_stage(task_: Task, run_name: str | None = None, return_state: bool = False, **parameters: Any) -> Any:
     """Call a stage task; refresh its cache when the store lacks the artifact the record points to."""
     planned = _plan(_STAGE_OF[task_], parameters)
     options: dict[str, Any] = {"refresh_cache": not planned.complete}
     if run_name:
         options["task_run_name"] = run_name
-    return task_.with_options(**options)(**parameters)
+    return task_.with_options(**options)(**parameters, return_state=return_state)

@@ -1,0 +1,1 @@
+"""Deployment helpers for sd2's Prefect flows."""
