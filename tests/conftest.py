@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+# Tiny test models run fastest on one thread; two threads on two shared cores thrash.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,139 @@
+"""Self-data distillation: the target answers each instruction in its own words, guided by the reference.
+
+As in self-distillation fine-tuning (SDFT), the target sees the instruction together with the dataset's
+reference answer and is asked for its own answer; the training row keeps only the plain instruction and
+that answer, so the draft learns the target's distribution rather than the dataset author's. Answers
+that talk about the prompt itself ("the reference answer says...") or come out empty are replaced by
+the original reference, as SDFT does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sd2_core.config import DistillConfig
+from sd2_core.errors import UserError
+from sd2_core.generation import Generator
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+# The reference comes first and the request last: small targets then answer the request itself instead of
+# commenting on the prompt (with SmolLM2-135M an instruction-first layout drew "What's your request?" replies).
+DISTILL_TEMPLATE = (
+    "Here is a reference answer to a request:\n\n{reference}\n\n"
+    "Use the reference answer above for guidance and answer the request below in your own words, "
+    "without mentioning the reference answer.\n\n{instruction}"
+)
+
+# Phrases that show an answer is about the distillation prompt rather than an answer to the request.
+LEAK_MARKERS: tuple[str, ...] = (
+    "reference answer",
+    "the reference",
+    "reference response",
+    "your response",
+    "my response",
+    "your own response",
+    "your own answer",
+    "original response",
+    "original answer",
+    "rewrite",
+    "rephrase",
+    "these directions",
+    "now it's your turn",
+    "your turn",
+    "what's your request",
+    "what is your request",
+    "what's your question",
+    "what is your question",
+)
+
+
+def build_distill_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat prompt that shows the target one row's instruction and reference answer."""
+    try:
+        instruction, reference = row["instruction"], row["reference"]
+    except KeyError as exc:
+        raise UserError(
+            f"a distillation row needs 'instruction' and 'reference'; row {row.get('id')!r} lacks {exc}"
+        ) from None
+    return [{"role": "user", "content": DISTILL_TEMPLATE.format(instruction=instruction, reference=reference)}]
+
+
+def leaks_prompt(text: str, instruction: str = "") -> bool:
+    """True when the text mentions the distillation prompt (case-insensitive).
+
+    A marker that already occurs in the instruction does not count: an answer to "Rewrite this sentence"
+    may well say "rewrite".
+    """
+    lowered, asked = text.lower(), instruction.lower()
+    return any(marker in lowered and marker not in asked for marker in LEAK_MARKERS)
+
+
+def distill_rows(
+    generator: Generator,
+    rows: list[dict[str, Any]],
+    cfg: DistillConfig,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Chat rows (user instruction, assistant answer by the target) for every source row, plus statistics.
+
+    `distilled` is False where the reference was kept (a leaking or empty answer). Batch k of the rows is
+    sampled with seed cfg.seed + k * cfg.batch_size, so a row's answer does not depend on batches before it.
+    """
+    out: list[dict[str, Any]] = []
+    stats = {"rows": len(rows), "distilled": 0, "fallbacks": 0, "empty": 0, "generated_tokens": 0}
+    started = time.perf_counter()
+    total = len(rows)
+    if progress:
+        progress(0, total, "distilling")
+    for start in range(0, total, cfg.batch_size):
+        batch = rows[start : start + cfg.batch_size]
+        completions = generator.generate(
+            [build_distill_messages(row) for row in batch],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed + start,
+        )
+        if len(completions) != len(batch):
+            raise RuntimeError(f"generator returned {len(completions)} completions for {len(batch)} prompts")
+        for row, completion in zip(batch, completions, strict=True):
+            stats["generated_tokens"] += completion.n_tokens
+            answer = completion.text.strip()
+            if not answer:
+                stats["empty"] += 1
+                distilled = False
+            elif leaks_prompt(answer, row["instruction"]):
+                stats["fallbacks"] += 1
+                distilled = False
+            else:
+                stats["distilled"] += 1
+                distilled = True
+            out.append(
+                {
+                    "id": row["id"],
+                    "kind": row["kind"],
+                    "messages": [
+                        {"role": "user", "content": row["instruction"]},
+                        {"role": "assistant", "content": answer if distilled else row["reference"]},
+                    ],
+                    "distilled": distilled,
+                }
+            )
+        done = start + len(batch)
+        if progress:
+            progress(done, total, f"distilled {done}/{total} rows")
+    seconds = time.perf_counter() - started
+    stats["seconds"] = round(seconds, 3)
+    stats["tokens_per_second"] = round(stats["generated_tokens"] / seconds, 2) if seconds > 0 else 0.0
+    log.info(
+        "distilled %d rows: %d by the target, %d leaking and %d empty answers replaced by the reference, "
+        "%d tokens in %.1f s",
+        total, stats["distilled"], stats["fallbacks"], stats["empty"], stats["generated_tokens"], seconds,
+    )  # fmt: skip
+    return out, stats

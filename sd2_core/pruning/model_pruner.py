@@ -1,0 +1,247 @@
+"""Layer-sequential SparseGPT over a decoder-only causal LM, and sparsity accounting.
+
+WHY layer by layer: each decoder layer is pruned on the inputs it will really see at inference —
+the outputs of the already *pruned* layers before it — so errors are corrected where they arise
+instead of compounding (as in the SparseGPT reference). Only the layer being pruned and the N
+hidden-state sequences between layers are live at once, so a model far bigger than the
+calibration batch fits on CPU.
+
+Module names are full model paths ("model.layers.0.self_attn.q_proj"), the keying fine-tuning
+uses for its fixed masks. Embeddings and lm_head are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sd2_core.errors import UserError
+from sd2_core.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
+from sd2_core.pruning.sparsity import SparsitySpec, check_nm_width, parse_sparsity
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+# layer 0's hidden states per sample; per layer, per sample: (args after hidden_states, kwargs)
+Calls = tuple[list[Tensor], list[list[tuple[tuple, dict[str, Any]]]]]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the last decoder layer's inputs are recorded: the rest is waste."""
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def _no_layers_error(model: nn.Module) -> UserError:
+    return UserError(
+        f"{type(model).__name__} has no decoder blocks at model.model.layers; expected a Hugging Face decoder-only "
+        "causal LM (e.g. LlamaForCausalLM, Qwen2ForCausalLM) or one of its decoder layers"
+    )
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside the decoder blocks, by module name; never embeddings or lm_head.
+
+    Given a whole model, names are full paths ("model.layers.3.mlp.up_proj"); given one decoder layer
+    (a module with Linears and no embedding), names are relative to it ("mlp.up_proj").
+    """
+    if _decoder_layers(model) is not None:
+        return {
+            name: module
+            for name, module in model.named_modules()
+            if name.startswith("model.layers.") and isinstance(module, nn.Linear)
+        }
+    is_layer = not isinstance(model, nn.Linear) and not any(isinstance(m, nn.Embedding) for m in model.modules())
+    found = {name: m for name, m in model.named_modules() if name and isinstance(m, nn.Linear)} if is_layer else {}
+    if not found:
+        raise _no_layers_error(model)
+    return found
+
+
+def _as_hidden(output: Any) -> Tensor:
+    """Decoder layers return a tensor (transformers 5) or a tuple whose first item is the hidden states."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _capture_layer_calls(model: nn.Module, layers: nn.ModuleList, input_ids: Tensor, attention_mask: Tensor) -> Calls:
+    """What each decoder layer is called with, per sample: layer 0's hidden states, and every layer's other
+    arguments (position embeddings, its own attention mask — which may differ per layer, e.g. sliding-window
+    layers —, position ids, cache position, ...). One dense forward per sample, stopped before the last layer runs.
+    """
+    hidden0: list[Tensor] = []
+    calls: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in layers]
+
+    def make_grab(index: int) -> Callable[..., None]:
+        def grab(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                hidden0.append(hidden)
+            calls[index].append((tuple(args[1:]), kwargs))
+            if index == len(layers) - 1:
+                raise _StopForward
+
+        return grab
+
+    device = next(model.parameters()).device
+    handles = [layer.register_forward_pre_hook(make_grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for i in range(input_ids.shape[0]):
+            try:
+                model(
+                    input_ids=input_ids[i : i + 1].to(device),
+                    attention_mask=attention_mask[i : i + 1].to(device),
+                    use_cache=False,
+                )
+            except _StopForward:
+                pass
+            if len(hidden0) != i + 1 or any(len(c) != i + 1 for c in calls):
+                raise RuntimeError("the model's forward did not call each decoder layer once; cannot capture inputs")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hidden0, calls
+
+
+def _layer_hessians(
+    layer: nn.Module,
+    linears: dict[str, nn.Linear],
+    hidden: list[Tensor],
+    calls: list[tuple[tuple, dict[str, Any]]],
+    attention_mask: Tensor,
+) -> dict[str, HessianAccumulator]:
+    """Forward each sample through ``layer`` once, accumulating every Linear's input Hessian without pad rows."""
+    accumulators = {n: HessianAccumulator(m.in_features, device=m.weight.device) for n, m in linears.items()}
+    current: dict[str, Tensor] = {}
+
+    def make_hook(acc: HessianAccumulator) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any], _output: Any) -> None:
+            acc.add_batch(args[0] if args else kwargs["input"], current["mask"])
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(accumulators[n]), with_kwargs=True) for n, m in linears.items()]
+    try:
+        for i, (args, kwargs) in enumerate(calls):
+            current["mask"] = attention_mask[i : i + 1]
+            layer(hidden[i], *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
+def _check_inputs(input_ids: Tensor, attention_mask: Tensor) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+        raise UserError(f"input_ids must be [N, L] with N >= 1, got shape {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise UserError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}"
+        )
+    if int((attention_mask != 0).sum()) == 0:
+        raise UserError("attention_mask is all zeros: the calibration batch holds no real token")
+
+
+def prune_model(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    spec: SparsitySpec | str | float,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Prune every decoder Linear of ``model`` in place with SparseGPT, one decoder layer after another.
+
+    ``input_ids``/``attention_mask`` [N, L] are the calibration batch; pad positions (mask 0) never enter
+    a Hessian. Returns a JSON-able report: target label, per-module {sparsity, damp_used, retries, error},
+    overall decoder-Linear sparsity, seconds.
+    """
+    spec = parse_sparsity(spec)
+    layers = _decoder_layers(model)
+    if layers is None or len(layers) == 0:
+        raise _no_layers_error(model)
+    _check_inputs(input_ids, attention_mask)
+    for name, linear in decoder_linears(model).items():  # fail before the expensive part
+        check_nm_width(linear.in_features, spec, name)
+    names = {id(module): name for name, module in model.named_modules()}
+
+    start = time.perf_counter()
+    n_samples = input_ids.shape[0]
+    per_module: dict[str, dict[str, Any]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            hidden, calls = _capture_layer_calls(model, layers, input_ids, attention_mask)
+            for index, layer in enumerate(layers):
+                prefix = names[id(layer)]
+                linears = decoder_linears(layer)
+                hessians = _layer_hessians(layer, linears, hidden, calls[index], attention_mask)
+                for name, linear in linears.items():
+                    full = f"{prefix}.{name}"
+                    result = sparsegpt_prune(
+                        linear.weight, hessians[name].H, spec, blocksize=blocksize, percdamp=percdamp, name=full
+                    )
+                    linear.weight.copy_(result.weight)
+                    per_module[full] = {
+                        "sparsity": float((linear.weight == 0).float().mean().item()),
+                        "damp_used": result.damp_used,
+                        "retries": result.retries,
+                        "error": result.error,
+                    }
+                del hessians
+                # the pruned layer's outputs are what the next layer will see at inference
+                hidden = [_as_hidden(layer(h, *a, **kw)) for h, (a, kw) in zip(hidden, calls[index], strict=True)]
+                log.info("pruned decoder layer %d/%d (%s) to %s", index + 1, len(layers), prefix, spec.label)
+                if progress is not None:
+                    progress(index + 1, len(layers), f"pruned {prefix} to {spec.label}")
+    finally:
+        model.train(was_training)
+
+    overall = measure_sparsity(model)["overall"]
+    return {
+        "spec": spec.label,
+        "per_module": per_module,
+        "overall_sparsity": overall,
+        "n_samples": n_samples,
+        "n_tokens": int((attention_mask != 0).sum()),
+        "blocksize": blocksize,
+        "percdamp": percdamp,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@torch.no_grad()
+def measure_sparsity(model: nn.Module) -> dict[str, Any]:
+    """Zero fraction of the decoder Linear weights (overall and per module), and non-zeros over all parameters."""
+    linears = decoder_linears(model)
+    per_module: dict[str, float] = {}
+    zeros = total = 0
+    for name, linear in linears.items():
+        z = int((linear.weight == 0).sum())
+        n = linear.weight.numel()
+        per_module[name] = z / n
+        zeros += z
+        total += n
+    params = list(model.parameters())  # shared (tied) parameters are listed once
+    return {
+        "overall": zeros / total if total else 0.0,
+        "per_module": per_module,
+        "nonzero_params": int(sum(int(torch.count_nonzero(p)) for p in params)),
+        "total_params": int(sum(p.numel() for p in params)),
+    }
+
+
+@torch.no_grad()
+def nonzero_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Keep-masks (True = non-zero) of the decoder Linear weights, so fine-tuning can hold the zeros fixed."""
+    return {name: linear.weight.detach() != 0 for name, linear in decoder_linears(model).items()}
