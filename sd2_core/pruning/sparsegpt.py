@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sd2_core.pruning.sparsity import SparsitySpec, check_nm_width
+from sd2_core.pruning.sparsity import SparsitySpec, check_nm_width, parse_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,17 @@ def _upper_cholesky_of_inverse(
 def sparsegpt_prune(
     weight: Tensor,
     hessian: Tensor,
-    spec: SparsitySpec,
+    spec: SparsitySpec | str | float,
     blocksize: int = 128,
     percdamp: float = 0.01,
     max_retries: int = 4,
     name: str = "linear",
 ) -> SparseGPTResult:
-    """Prune ``weight`` [out, in] to ``spec`` with SparseGPT given the layer's input Hessian [in, in]."""
+    """Prune ``weight`` [out, in] to ``spec`` with SparseGPT given the layer's input Hessian [in, in].
+
+    A Hessian holding NaN/inf raises at once: no amount of dampening can repair it.
+    """
+    spec = parse_sparsity(spec)
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"layer {name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input features")
@@ -174,11 +178,12 @@ def sparsegpt_prune(
 
 
 @torch.no_grad()
-def magnitude_prune(weight: Tensor, spec: SparsitySpec) -> tuple[Tensor, Tensor]:
+def magnitude_prune(weight: Tensor, spec: SparsitySpec | str | float) -> tuple[Tensor, Tensor]:
     """Baseline: zero the smallest |w| — per row in each group of M for N:M, over the whole layer otherwise.
 
     Returns (pruned weight, keep-mask with True = kept).
     """
+    spec = parse_sparsity(spec)
     rows, cols = weight.shape
     magnitude = weight.detach().abs().float()
     keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
