@@ -27,24 +27,50 @@ def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B00
     store = config.store
     refs: dict[str, ArtifactRef] = {}
     refs["target"] = run_stage(materialize_task, "materialize-target", store=store, ref=config.target)
-    refs["draft"] = (refs["target"] if config.draft == config.target
-                     else run_stage(materialize_task, "materialize-draft", store=store, ref=config.draft))
+    refs["draft"] = (
+        refs["target"]
+        if config.draft == config.target
+        else run_stage(materialize_task, "materialize-draft", store=store, ref=config.draft)
+    )
     distilled = []
     for source in config.sources:
-        ref = run_stage(distill_task, f"distill-{source.kind}", store=store, target=refs["target"], source=source,
-                        cfg=config.distill)
+        ref = run_stage(
+            distill_task,
+            f"distill-{source.kind}",
+            store=store,
+            target=refs["target"],
+            source=source,
+            cfg=config.distill,
+        )
         refs[f"distill/{source.kind}"] = ref
         distilled.append(ref)
-    refs["prune"] = run_stage(prune_task, f"prune-{config.prune.sparsity}", store=store, draft=refs["draft"],
-                              cfg=config.prune)
-    refs["reference"] = run_stage(reference_task, "target-greedy-reference", store=store, target=refs["target"],
-                                  cfg=config.mal)
-    refs["mal_one_shot"] = run_stage(mal_task, "mal-one-shot", store=store, target=refs["target"],
-                                     draft=refs["prune"], ref=refs["reference"], cfg=config.mal)
-    refs["finetune"] = run_stage(finetune_task, "finetune", store=store, draft=refs["prune"], distilled=distilled,
-                                 cfg=config.finetune)
-    refs["mal_sd2"] = run_stage(mal_task, "mal-sd2", store=store, target=refs["target"], draft=refs["finetune"],
-                                ref=refs["reference"], cfg=config.mal)
+    refs["prune"] = run_stage(
+        prune_task, f"prune-{config.prune.sparsity}", store=store, draft=refs["draft"], cfg=config.prune
+    )
+    refs["reference"] = run_stage(
+        reference_task, "target-greedy-reference", store=store, target=refs["target"], cfg=config.mal
+    )
+    refs["mal_one_shot"] = run_stage(
+        mal_task,
+        "mal-one-shot",
+        store=store,
+        target=refs["target"],
+        draft=refs["prune"],
+        ref=refs["reference"],
+        cfg=config.mal,
+    )
+    refs["finetune"] = run_stage(
+        finetune_task, "finetune", store=store, draft=refs["prune"], distilled=distilled, cfg=config.finetune
+    )
+    refs["mal_sd2"] = run_stage(
+        mal_task,
+        "mal-sd2",
+        store=store,
+        target=refs["target"],
+        draft=refs["finetune"],
+        ref=refs["reference"],
+        cfg=config.mal,
+    )
     summary = cell_summary(config, refs)
     create_markdown_artifact(_markdown(summary), key="sd2-cell-summary", description="SD² cell result")
     return summary
@@ -62,10 +88,15 @@ def _markdown(summary: dict[str, Any]) -> str:
     for stage in ("one_shot", "sd2"):
         per = mal[stage]["per_category"]
         ll = summary["lossless"][stage]
-        lines.append(f"| {stage} | {mal[stage]['overall']:.3f} | "
-                     + " | ".join(f"{per.get(c, float('nan')):.3f}" for c in cats)
-                     + f" | {ll['identical']}/{ll['total']} |")
-    lines += ["", f"MACs/token draft {summary['macs_per_token']['draft']:,} vs target "
-              f"{summary['macs_per_token']['target']:,} (c = {summary['c']:.3f}); "
-              f"sparsity after fine-tuning {summary['sparsity']['finetuned']:.4f}"]
+        lines.append(
+            f"| {stage} | {mal[stage]['overall']:.3f} | "
+            + " | ".join(f"{per.get(c, float('nan')):.3f}" for c in cats)
+            + f" | {ll['identical']}/{ll['total']} |"
+        )
+    lines += [
+        "",
+        f"MACs/token draft {summary['macs_per_token']['draft']:,} vs target "
+        f"{summary['macs_per_token']['target']:,} (c = {summary['c']:.3f}); "
+        f"sparsity after fine-tuning {summary['sparsity']['finetuned']:.4f}",
+    ]
     return "\n".join(lines)

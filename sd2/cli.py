@@ -85,8 +85,15 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
     if source is None:
         raise UserError(f"--kind {args.kind!r} is not a source of profile {args.profile}")
     source = _update(source, uri=args.source, limit=args.limit)
-    cfg = _update(base.distill, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  seed=args.seed, batch_size=args.batch_size, backend=args.backend)
+    cfg = _update(
+        base.distill,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        backend=args.backend,
+    )
     target = stages.materialize_model(store, args.target or base.target)
     return stages.distill(store, target, source, cfg, progress=_progress).to_dict()
 
@@ -96,8 +103,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
     base = _base_config(args)
     store = _store(args, base)
-    calibration = _update(base.prune.calibration, uri=args.calibration, n_samples=args.n_samples,
-                          seq_len=args.seq_len)
+    calibration = _update(base.prune.calibration, uri=args.calibration, n_samples=args.n_samples, seq_len=args.seq_len)
     cfg = _update(base.prune, sparsity=args.sparsity, calibration=calibration.model_dump())
     draft = stages.materialize_model(store, args.draft or base.draft)
     return stages.prune(store, draft, cfg, progress=_progress).to_dict()
@@ -121,15 +127,24 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     base = _base_config(args)
     store = _store(args, base)
-    cfg = _update(base.finetune, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                  max_seq_len=args.max_seq_len, mix=_parse_mix(args.mix), seed=args.seed)
+    cfg = _update(
+        base.finetune,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        max_seq_len=args.max_seq_len,
+        mix=_parse_mix(args.mix),
+        seed=args.seed,
+    )
     draft = stages.materialize_model(store, args.draft)
     distilled = []
     for ref in args.distilled:
         found = stages._store_ref_of(store, ref)
         if found is None or found.stage != "distill":
-            raise UserError(f"--distilled {ref!r} is not a complete distill artifact of store {store.uri} "
-                            "(pass what `sd2 distill --json` printed as key, as distill/<key>)")
+            raise UserError(
+                f"--distilled {ref!r} is not a complete distill artifact of store {store.uri} "
+                "(pass what `sd2 distill --json` printed as key, as distill/<key>)"
+            )
         distilled.append(found)
     return stages.finetune(store, draft, distilled, cfg, progress=_progress).to_dict()
 
@@ -139,17 +154,27 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
 
     base = _base_config(args)
     store = _store(args, base)
-    cfg = _update(base.mal, k=args.k, max_new_tokens=args.max_new_tokens, prompts=args.prompts,
-                  per_category=args.per_category)
+    cfg = _update(base.mal, k=args.k, max_new_tokens=args.max_new_tokens, prompts=args.prompts)
+    if args.per_category is not None or args.prompts:
+        # a user's own prompts file is measured whole unless --per-category says otherwise
+        cfg = cfg.model_copy(update={"per_category": args.per_category})
+        cfg = type(cfg).model_validate(cfg.model_dump())
     target = stages.materialize_model(store, args.target or base.target)
     draft = stages.materialize_model(store, args.draft or base.draft)
     ref = stages.reference(store, target, cfg, progress=_progress)
     result = stages.mal(store, target, draft, ref, cfg, progress=_progress)
-    return {**result.summary, "artifacts": {"mal": result.uri, "reference": ref.uri, "target": target.uri,
-                                            "draft": draft.uri}}
+    return {
+        **result.summary,
+        "artifacts": {"mal": result.uri, "reference": ref.uri, "target": target.uri, "draft": draft.uri},
+    }
 
 
 def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    # Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core laptop its
+    # default 20 s start-up limit is too short.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.cell import cell_flow
 
     base = _base_config(args)
@@ -237,8 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     from pydantic import ValidationError
 
     try:

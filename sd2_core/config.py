@@ -58,7 +58,9 @@ class DistillConfig(_Frozen):
 class CalibrationConfig(_Frozen):
     """Calibration text for SparseGPT's Hessians."""
 
-    uri: str = Field("embedded", description="'embedded' (shipped C4/Wikipedia text), a local .txt/.jsonl path, or 'hf:<id>'")
+    uri: str = Field(
+        "embedded", description="'embedded' (shipped C4/Wikipedia text), a local .txt/.jsonl path, or 'hf:<id>'"
+    )
     n_samples: int = Field(16, ge=1, description="number of calibration sequences")
     seq_len: int = Field(256, ge=8, description="tokens per calibration sequence")
     seed: int = Field(0, description="seed that picks the text windows")
@@ -93,7 +95,9 @@ class FinetuneConfig(_Frozen):
     steps: int = Field(40, ge=1, description="optimizer steps")
     batch_size: int = Field(4, ge=1, description="sequences per step")
     max_seq_len: int = Field(384, ge=16, description="tokens per training sequence (longer ones are cut)")
-    learning_rate: float | None = Field(None, gt=0.0, description="None = paper's Appendix A value for model size and sparsity")
+    learning_rate: float | None = Field(
+        None, gt=0.0, description="None = paper's Appendix A value for model size and sparsity"
+    )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up fraction of the steps")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     seed: int = Field(0, description="seed of data order and dropout")
@@ -104,8 +108,12 @@ class MalConfig(_Frozen):
 
     k: int = Field(5, ge=1, description="draft tokens proposed per verification step")
     max_new_tokens: int = Field(64, ge=1, description="tokens generated per turn")
-    prompts: str = Field("specbench", description="'specbench' (the shipped 480 prompts) or a .jsonl path with rows {prompt} or {turns}")
-    per_category: int | None = Field(None, ge=1, description="take only the first N prompts of each category (None = all)")
+    prompts: str = Field(
+        "specbench", description="'specbench' (the shipped 480 prompts) or a .jsonl path with rows {prompt} or {turns}"
+    )
+    per_category: int | None = Field(
+        None, ge=1, description="take only the first N prompts of each category (None = all)"
+    )
 
 
 class CellConfig(_Frozen):

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from sd2_core.config import FinetuneConfig
 from sd2_core.errors import UserError
 from sd2_core.learning_rates import paper_learning_rate
+from sd2_core.models import count_parameters
+from sd2_core.pruning.model_pruner import nonzero_masks
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,6 @@ IGNORE_INDEX = -100
 MAX_GRAD_NORM = 1.0  # gradient clipping, as in common SFT recipes (HF Trainer's default)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-DECODER_PREFIX = "model.layers."
 
 Progress = Callable[[int, int, str], None]
 
@@ -80,7 +81,7 @@ def tokenize_chat_example(tokenizer, messages: list[dict], max_seq_len: int) -> 
         at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(prefix_ids), len(full_ids)))
         raise UserError(
             "the chat template's prompt with generation prompt does not tokenize to a prefix of the full chat "
-            f"(first difference at token {at}: prefix {prefix_ids[at:at + 5]} vs full {full_ids[at:at + 5]}); "
+            f"(first difference at token {at}: prefix {prefix_ids[at : at + 5]} vs full {full_ids[at : at + 5]}); "
             "the response cannot be located, use a tokenizer whose template renders the prompt as a prefix"
         )
     if len(full_ids) == len(prefix_ids):
@@ -141,18 +142,6 @@ def mix_examples(sources: dict[str, list[dict]], weights: dict[str, float], tota
 # ---------------------------------------------------------------- masks
 
 
-def _decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if n.startswith(DECODER_PREFIX) and isinstance(m, nn.Linear)}
-
-
-def _nonzero_masks(model: nn.Module) -> dict[str, Tensor]:
-    """Keep-masks (weight != 0) of every decoder Linear, keyed by module name."""
-    linears = _decoder_linears(model)
-    if not linears:
-        raise UserError("the model has no nn.Linear under model.layers (expected a Hugging Face decoder-only LM)")
-    return {name: module.weight.detach() != 0 for name, module in linears.items()}
-
-
 def _resolve_masks(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, tuple[nn.Parameter, Tensor]]:
     modules = dict(model.named_modules())
     resolved: dict[str, tuple[nn.Parameter, Tensor]] = {}
@@ -208,10 +197,6 @@ def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device: torch
     return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)}
 
 
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -262,16 +247,18 @@ def finetune_sparse(
     if cfg.learning_rate is not None:
         lr = cfg.learning_rate
     else:
-        lr = paper_learning_rate(num_params_for_lr or _count_params(model), sparsity_for_lr)
+        lr = paper_learning_rate(num_params_for_lr or count_parameters(model), sparsity_for_lr)
         log.info("learning rate %.3g from the size/sparsity table (sparsity %.3f)", lr, sparsity_for_lr)
 
-    fixed = _resolve_masks(model, _nonzero_masks(model) if masks is None else masks)
+    fixed = _resolve_masks(model, nonzero_masks(model) if masks is None else masks)
     device = next(model.parameters()).device
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS,
+        lr=lr,
+        betas=ADAM_BETAS,
+        eps=ADAM_EPS,
     )
     warmup = math.ceil(cfg.warmup_ratio * cfg.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(cfg.steps, warmup))

@@ -177,6 +177,10 @@ def measure_mal(
     }
     log.info(
         "MAL %.3f over %d sequences (k=%d), %d/%d identical to greedy",
-        result["mal"], len(per_prompt), k, result["lossless"]["identical"], len(per_prompt),
+        result["mal"],
+        len(per_prompt),
+        k,
+        result["lossless"]["identical"],
+        len(per_prompt),
     )
     return result

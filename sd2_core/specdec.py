@@ -146,7 +146,5 @@ def speculative_generate(
             # base + k - 1 positions (it never fed its k-th proposal).
             tgt.crop_to(base + accepted)
             drf.crop_to(base + min(accepted, k - 1))
-    log.debug(
-        "speculative: %d prompt tokens, %d new tokens in %d steps", prompt_len, len(result.tokens), result.steps
-    )
+    log.debug("speculative: %d prompt tokens, %d new tokens in %d steps", prompt_len, len(result.tokens), result.steps)
     return result

@@ -14,9 +14,10 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -38,10 +39,19 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 
-# Bump a stage's number when its algorithm changes, so old artifacts stop matching.
+# Bump a stage's number when its algorithm changes (prompt templates and leak markers included),
+# so old artifacts stop matching.
 STAGE_CODE = {"model": "1", "distill": "1", "prune": "1", "finetune": "1", "reference": "1", "mal": "1"}
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
 
 
 @dataclass(frozen=True)
@@ -61,8 +71,12 @@ def code_version(stage: str) -> str:
 def versions() -> dict[str, str]:
     import transformers
 
-    return {"sd2": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "sd2": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _stage(
@@ -90,8 +104,16 @@ def _stage(
         summary = build(Path(tmp))
         seconds = round(time.time() - start, 3)
         summary = {**summary, "seconds": seconds}
-        return store.publish(stage, key, Path(tmp), config=config, inputs=inputs,
-                             timings={"seconds": seconds}, summary=summary, versions=versions())
+        return store.publish(
+            stage,
+            key,
+            Path(tmp),
+            config=config,
+            inputs=inputs,
+            timings={"seconds": seconds},
+            summary=summary,
+            versions=versions(),
+        )
 
 
 def _folder_digest(path: Path) -> str:
@@ -107,28 +129,25 @@ def _folder_digest(path: Path) -> str:
 def _copy_model_files(src: Path, out: Path) -> None:
     found = [p for p in src.iterdir() if p.is_file() and p.name in MODEL_FILES]
     if not any(p.name == "model.safetensors" for p in found):
-        raise UserError(f"model folder {src} has no model.safetensors (sharded or .bin checkpoints: re-save it "
-                        "with save_pretrained(..., safe_serialization=True, max_shard_size='100GB'))")
+        raise UserError(
+            f"model folder {src} has no model.safetensors (sharded or .bin checkpoints: re-save it "
+            "with save_pretrained(..., safe_serialization=True, max_shard_size='100GB'))"
+        )
     for p in found:
         shutil.copy2(p, out / p.name)
 
 
 def _store_ref_of(store: Store, ref: str) -> ArtifactRef | None:
-    """A reference that already names an artifact of this store: 'stage/key' or its folder path."""
+    """A reference that names an artifact of this store: 'stage/key', 'artifact:stage/key', or its URI/folder."""
     text = ref.rstrip("/")
     for prefix in (store.uri + "/", "artifact:"):
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
             break
     else:
-        if "/" in text and Path(text).expanduser().exists():
-            path = Path(text).expanduser().resolve()
-            if store.is_local and path.parent.parent == Path(store.root):
-                text = f"{path.parent.name}/{path.name}"
-            else:
-                return None
-        else:
-            return None
+        path = Path(text).expanduser()
+        if store.is_local and path.is_dir() and path.resolve().parent.parent == Path(store.root):
+            text = f"{path.resolve().parent.name}/{path.name}"
     parts = text.split("/")
     if len(parts) == 2 and parts[0] in STAGE_CODE and store.is_complete(parts[0], parts[1]):
         return store.ref(parts[0], parts[1])
@@ -161,20 +180,34 @@ def _load(store: Store, ref: ArtifactRef):
     return load_model(path), load_tokenizer(path), path
 
 
-def distill(store: Store, target: ArtifactRef, source: SourceSpec, cfg: DistillConfig,
-            progress: Progress | None = None, plan_only: bool = False) -> ArtifactRef | Planned:
+def distill(
+    store: Store,
+    target: ArtifactRef,
+    source: SourceSpec,
+    cfg: DistillConfig,
+    progress: Progress | None = None,
+    plan_only: bool = False,
+) -> ArtifactRef | Planned:
     """The target answers one source's instructions in its own words (self-data distillation)."""
     from sd2_core.data.sources import load_source
     from sd2_core.distill import distill_rows
     from sd2_core.generation import make_generator
 
-    config = {"source": source.model_dump(mode="json"), "distill": cfg.model_dump(mode="json")}
+    config = {
+        "source": source.model_dump(mode="json"),
+        "distill": cfg.model_dump(mode="json"),
+        **data_identity(source.uri),
+    }
 
     def build(out: Path) -> dict[str, Any]:
         rows = load_source(source)
-        model, tokenizer, path = _load(store, target)
-        generator = make_generator(cfg.backend, model=model, tokenizer=tokenizer, model_path=path,
-                                   batch_size=cfg.batch_size)
+        if cfg.backend == "vllm":  # vLLM loads the weights itself: no second copy in this process
+            generator = make_generator("vllm", model_path=store.local_dir(target))
+        else:
+            model, tokenizer, path = _load(store, target)
+            generator = make_generator(
+                cfg.backend, model=model, tokenizer=tokenizer, model_path=path, batch_size=cfg.batch_size
+            )
         distilled, stats = distill_rows(generator, rows, cfg, progress=progress)
         with open(out / "data.jsonl", "w") as fh:
             for row in distilled:
@@ -185,7 +218,9 @@ def distill(store: Store, target: ArtifactRef, source: SourceSpec, cfg: DistillC
     return _stage(store, "distill", config, [target], build, plan_only)
 
 
-def prune(store: Store, draft: ArtifactRef, cfg: PruneConfig, progress: Progress | None = None, plan_only: bool = False) -> ArtifactRef | Planned:
+def prune(
+    store: Store, draft: ArtifactRef, cfg: PruneConfig, progress: Progress | None = None, plan_only: bool = False
+) -> ArtifactRef | Planned:
     """SparseGPT one-shot pruning of the draft's decoder Linear layers on real calibration text."""
     from sd2_core.data.calibration import load_calibration
     from sd2_core.pruning.model_pruner import measure_sparsity, prune_model
@@ -196,18 +231,25 @@ def prune(store: Store, draft: ArtifactRef, cfg: PruneConfig, progress: Progress
     def build(out: Path) -> dict[str, Any]:
         model, tokenizer, _ = _load(store, draft)
         input_ids, attention_mask = load_calibration(tokenizer, cfg.calibration)
-        report = prune_model(model, input_ids, attention_mask, spec, blocksize=cfg.blocksize,
-                             percdamp=cfg.percdamp, progress=progress)
+        report = prune_model(
+            model, input_ids, attention_mask, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp, progress=progress
+        )
         sparsity = measure_sparsity(model)
         save_model(model, tokenizer, out)
-        (out / "prune_report.json").write_text(json.dumps({"report": report, "sparsity": sparsity}, indent=2,
-                                                          default=str))
+        (out / "prune_report.json").write_text(
+            json.dumps({"report": report, "sparsity": sparsity}, indent=2, default=str)
+        )
         retries = sum(int(m.get("retries", 0)) for m in report.get("per_module", {}).values())
-        return {"sparsity_target": spec.label, "sparsity": sparsity["overall"],
-                "nonzero_params": sparsity["nonzero_params"], "total_params": sparsity["total_params"],
-                "damp_retries": retries}
+        return {
+            "sparsity_target": spec.label,
+            "sparsity": sparsity["overall"],
+            "nonzero_params": sparsity["nonzero_params"],
+            "total_params": sparsity["total_params"],
+            "damp_retries": retries,
+        }
 
-    return _stage(store, "prune", cfg.model_dump(mode="json"), [draft], build, plan_only)
+    config = {**cfg.model_dump(mode="json"), **data_identity(cfg.calibration.uri)}
+    return _stage(store, "prune", config, [draft], build, plan_only)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -215,8 +257,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def finetune(store: Store, draft: ArtifactRef, distilled: list[ArtifactRef], cfg: FinetuneConfig,
-             progress: Progress | None = None, plan_only: bool = False) -> ArtifactRef | Planned:
+def finetune(
+    store: Store,
+    draft: ArtifactRef,
+    distilled: list[ArtifactRef],
+    cfg: FinetuneConfig,
+    progress: Progress | None = None,
+    plan_only: bool = False,
+) -> ArtifactRef | Planned:
     """Fine-tune the pruned draft on the distilled mix; pruned weights stay exactly zero."""
     from sd2_core.finetune import finetune_sparse, mix_examples
     from sd2_core.pruning.model_pruner import measure_sparsity
@@ -230,15 +278,29 @@ def finetune(store: Store, draft: ArtifactRef, distilled: list[ArtifactRef], cfg
         examples = mix_examples(sources, weights, cfg.steps * cfg.batch_size, cfg.seed)
         model, tokenizer, _ = _load(store, draft)
         before = measure_sparsity(model)
-        result = finetune_sparse(model, tokenizer, examples, cfg, num_params_for_lr=before["total_params"],
-                                 sparsity_for_lr=before["overall"], progress=progress)
+        result = finetune_sparse(
+            model,
+            tokenizer,
+            examples,
+            cfg,
+            num_params_for_lr=before["total_params"],
+            sparsity_for_lr=before["overall"],
+            progress=progress,
+        )
         after = measure_sparsity(model)
         save_model(model, tokenizer, out)
         (out / "losses.json").write_text(json.dumps(result, indent=2))
         losses = result["losses"]
-        return {"sparsity": after["overall"], "nonzero_params": after["nonzero_params"],
-                "total_params": after["total_params"], "lr": result["lr"], "steps": result["steps"],
-                "loss_first": losses[0], "loss_last": losses[-1], "tokens_per_second": result["tokens_per_second"]}
+        return {
+            "sparsity": after["overall"],
+            "nonzero_params": after["nonzero_params"],
+            "total_params": after["total_params"],
+            "lr": result["lr"],
+            "steps": result["steps"],
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "tokens_per_second": result["tokens_per_second"],
+        }
 
     return _stage(store, "finetune", cfg.model_dump(mode="json"), [draft, *distilled], build, plan_only)
 
@@ -249,18 +311,37 @@ def _mal_prompts(cfg: MalConfig):
     return load_prompts(cfg.prompts, per_category=cfg.per_category)
 
 
-def _prompts_identity(cfg: MalConfig) -> dict[str, Any]:
-    """The prompts file's content digest joins the key, so editing the file invalidates results."""
-    path = Path(cfg.prompts).expanduser()
-    return {"prompts_sha256": file_sha256(path)} if path.is_file() else {}
+def data_identity(uri: str) -> dict[str, Any]:
+    """Content digest of the data a stage reads, so that editing a file invalidates what was built from it.
+
+    'embedded' and 'specbench' name files shipped inside sd2; a local path is hashed; hub ids are
+    identified by name only (pin a revision in the id for exact reproducibility).
+    """
+    from sd2_core.data import EMBEDDED_DIR
+
+    if uri in ("embedded", "specbench"):
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(EMBEDDED_DIR.glob("*.jsonl")):
+            h.update(f.name.encode() + file_sha256(f).encode())
+        return {"data_sha256": h.hexdigest()}
+    path = Path(uri).expanduser()
+    return {"data_sha256": file_sha256(path)} if path.is_file() else {}
 
 
-def reference(store: Store, target: ArtifactRef, cfg: MalConfig, progress: Progress | None = None, plan_only: bool = False) -> ArtifactRef | Planned:
+def reference(
+    store: Store, target: ArtifactRef, cfg: MalConfig, progress: Progress | None = None, plan_only: bool = False
+) -> ArtifactRef | Planned:
     """The target's own greedy outputs, shared by every MAL measurement against this target."""
     from sd2_core.mal import greedy_reference
 
-    config = {"prompts": cfg.prompts, "per_category": cfg.per_category, "max_new_tokens": cfg.max_new_tokens,
-              **_prompts_identity(cfg)}
+    config = {
+        "prompts": cfg.prompts,
+        "per_category": cfg.per_category,
+        "max_new_tokens": cfg.max_new_tokens,
+        **data_identity(cfg.prompts),
+    }
 
     def build(out: Path) -> dict[str, Any]:
         prompts = _mal_prompts(cfg)
@@ -275,21 +356,36 @@ def reference(store: Store, target: ArtifactRef, cfg: MalConfig, progress: Progr
     return _stage(store, "reference", config, [target], build, plan_only)
 
 
-def mal(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: ArtifactRef, cfg: MalConfig,
-        progress: Progress | None = None, plan_only: bool = False) -> ArtifactRef | Planned:
+def mal(
+    store: Store,
+    target: ArtifactRef,
+    draft: ArtifactRef,
+    ref: ArtifactRef,
+    cfg: MalConfig,
+    progress: Progress | None = None,
+    plan_only: bool = False,
+) -> ArtifactRef | Planned:
     """MAL of the draft against the target, with lossless check, MACs per token and improvement factor."""
     from sd2_core.macs import average_macs_per_token, improvement_factor
     from sd2_core.mal import measure_mal
 
-    config = {**cfg.model_dump(mode="json"), **_prompts_identity(cfg)}
+    config = {**cfg.model_dump(mode="json"), **data_identity(cfg.prompts)}
 
     def build(out: Path) -> dict[str, Any]:
         prompts = _mal_prompts(cfg)
         reference_tokens = json.loads(store.read_text(ref, "reference.json"))
         target_model, tokenizer, _ = _load(store, target)
         draft_model, _, _ = _load(store, draft)
-        result = measure_mal(target_model, draft_model, tokenizer, prompts, cfg.k, cfg.max_new_tokens,
-                             reference=reference_tokens, progress=progress)
+        result = measure_mal(
+            target_model,
+            draft_model,
+            tokenizer,
+            prompts,
+            cfg.k,
+            cfg.max_new_tokens,
+            reference=reference_tokens,
+            progress=progress,
+        )
         prompt_len = _mean_prompt_len(tokenizer, prompts)
         macs_draft = average_macs_per_token(draft_model, prompt_len, cfg.max_new_tokens)
         macs_target = average_macs_per_token(target_model, prompt_len, cfg.max_new_tokens)
@@ -298,11 +394,17 @@ def mal(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: ArtifactRef,
         result["c"] = c
         result["improvement_factor_theoretical"] = improvement_factor(result["mal"], cfg.k, c)
         (out / "mal.json").write_text(json.dumps(result, indent=2))
-        return {"mal": result["mal"], "mal_per_category": result["mal_per_category"],
-                "lossless": result["lossless"], "macs_per_token": {"draft": macs_draft["total"],
-                                                                   "target": macs_target["total"]},
-                "c": c, "improvement_factor_theoretical": result["improvement_factor_theoretical"],
-                "k": cfg.k, "steps": result["steps"], "tokens": result["tokens"]}
+        return {
+            "mal": result["mal"],
+            "mal_per_category": result["mal_per_category"],
+            "lossless": result["lossless"],
+            "macs_per_token": {"draft": macs_draft["total"], "target": macs_target["total"]},
+            "c": c,
+            "improvement_factor_theoretical": result["improvement_factor_theoretical"],
+            "k": cfg.k,
+            "steps": result["steps"],
+            "tokens": result["tokens"],
+        }
 
     return _stage(store, "mal", config, [target, draft, ref], build, plan_only)
 
@@ -310,7 +412,8 @@ def mal(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: ArtifactRef,
 def _mean_prompt_len(tokenizer, prompts) -> int:
     lengths = []
     for p in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": p.turns[0]}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p.turns[0]}], add_generation_prompt=True, tokenize=True
+        )
         lengths.append(len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
     return int(round(sum(lengths) / max(len(lengths), 1)))

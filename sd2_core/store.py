@@ -15,8 +15,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,7 +137,9 @@ class Store:
 
     def ref(self, stage: str, key: str) -> ArtifactRef:
         m = self.manifest(stage, key)
-        return ArtifactRef(stage=stage, key=key, uri=self.uri_of(stage, key), digest=m["digest"], summary=m.get("summary", {}))
+        return ArtifactRef(
+            stage=stage, key=key, uri=self.uri_of(stage, key), digest=m["digest"], summary=m.get("summary", {})
+        )
 
     def publish(
         self,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact

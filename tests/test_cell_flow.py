@@ -22,13 +22,20 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _task_states(flow_state) -> dict[str, str]:
+    """Final state name of every task run of a flow run, as the Prefect API records them."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     flow_run_id = flow_state.state_details.flow_run_id
+    deadline = time.time() + 60
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run.state.name for run in runs}
+        while True:  # task states reach the API through events: wait until every one has landed
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if (runs and all(r.state is not None and r.state.is_final() for r in runs)) or time.time() > deadline:
+                return {run.name: run.state.name if run.state else "no state" for run in runs}
+            time.sleep(0.5)
 
 
 def _run_twice(store: str) -> tuple[dict, dict[str, str], dict[str, str]]:
@@ -46,8 +53,17 @@ def _run_twice(store: str) -> tuple[dict, dict[str, str], dict[str, str]]:
 
 
 def _check(summary: dict, first: dict[str, str], second: dict[str, str]) -> None:
-    stages = {"materialize-target", "distill-general", "distill-translation", "distill-math", "prune-0.5",
-              "target-greedy-reference", "mal-one-shot", "finetune", "mal-sd2"}
+    stages = {
+        "materialize-target",
+        "distill-general",
+        "distill-translation",
+        "distill-math",
+        "prune-0.5",
+        "target-greedy-reference",
+        "mal-one-shot",
+        "finetune",
+        "mal-sd2",
+    }
     assert set(first) == stages
     assert all(state == "Completed" for state in first.values()), first
     # the rerun executes no stage: every task is a cache hit

@@ -41,9 +41,7 @@ PAIRS = [
     ("name a colour of the sky .", "the sky is blue ."),
     ("tell me a fact about cats .", "cats sleep a lot of the day ."),
 ]
-EXAMPLES = [
-    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS
-]
+EXAMPLES = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
 
 
 def word_tokenizer(template: str = WORD_TEMPLATE) -> PreTrainedTokenizerFast:
@@ -96,9 +94,7 @@ def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Linear]:
-    return {
-        n: m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)
-    }
+    return {n: m for n, m in model.named_modules() if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)}
 
 
 def magnitude_prune_half(model) -> dict[str, torch.Tensor]:

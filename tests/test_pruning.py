@@ -142,8 +142,17 @@ def magnitude_pruned(model: nn.Module, spec: SparsitySpec) -> nn.Module:
 
 @pytest.mark.parametrize(
     ("value", "label", "n", "m"),
-    [(0.5, "0.5", 0, 0), ("0.5", "0.5", 0, 0), ("50%", "0.5", 0, 0), (" 75 % ", "0.75", 0, 0), (0.66, "0.66", 0, 0),
-     (2 / 3, "0.6667", 0, 0), ("2:4", "2:4", 2, 4), ("1:8", "1:8", 1, 8), (SparsitySpec(0.5, 2, 4), "2:4", 2, 4)],
+    [
+        (0.5, "0.5", 0, 0),
+        ("0.5", "0.5", 0, 0),
+        ("50%", "0.5", 0, 0),
+        (" 75 % ", "0.75", 0, 0),
+        (0.66, "0.66", 0, 0),
+        (2 / 3, "0.6667", 0, 0),
+        ("2:4", "2:4", 2, 4),
+        ("1:8", "1:8", 1, 8),
+        (SparsitySpec(0.5, 2, 4), "2:4", 2, 4),
+    ],
 )
 def test_parse_sparsity_accepts(value, label, n, m):
     spec = parse_sparsity(value)
@@ -153,8 +162,29 @@ def test_parse_sparsity_accepts(value, label, n, m):
 
 
 @pytest.mark.parametrize(
-    "value", [0, 1, 1.0, 1.5, -0.1, "0", "100%", "150%", "abc", "", "nan", "inf", "4:4", "0:4", "5:4", "2:", "2:4:8",
-              True, None, [0.5]]
+    "value",
+    [
+        0,
+        1,
+        1.0,
+        1.5,
+        -0.1,
+        "0",
+        "100%",
+        "150%",
+        "abc",
+        "",
+        "nan",
+        "inf",
+        "4:4",
+        "0:4",
+        "5:4",
+        "2:",
+        "2:4:8",
+        True,
+        None,
+        [0.5],
+    ],
 )
 def test_parse_sparsity_rejects(value):
     with pytest.raises(UserError) as err:
@@ -193,15 +223,24 @@ def test_decoder_linears_and_bad_models(dense):
     assert len(names) == 2 * 7 and all(n.startswith("model.layers.") for n in names)
     assert "model.layers.1.mlp.down_proj" in names and not any("lm_head" in n or "embed" in n for n in names)
     assert set(decoder_linears(dense.model.layers[0])) == {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
     }
     for bad in (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)), nn.Linear(4, 4)):
         with pytest.raises(UserError, match="model.model.layers"):
             decoder_linears(bad)
     with pytest.raises(UserError, match="model.model.layers"):
-        prune_model(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)), torch.ones(1, 4, dtype=torch.long),
-                    torch.ones(1, 4), HALF)
+        prune_model(
+            nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4)),
+            torch.ones(1, 4, dtype=torch.long),
+            torch.ones(1, 4),
+            HALF,
+        )
 
 
 # ---------------------------------------------------------------- Hessians
@@ -366,8 +405,14 @@ def test_failed_cholesky_retries_with_more_damping(caplog):
 
 def test_exhausted_retries_raise_instead_of_falling_back():
     with pytest.raises(RuntimeError, match=r"model\.layers\.7\.mlp\.up_proj.*2 retries"):
-        sparsegpt_prune(torch.randn(8, 64), indefinite_hessian(), HALF, percdamp=1e-4, max_retries=2,
-                        name="model.layers.7.mlp.up_proj")
+        sparsegpt_prune(
+            torch.randn(8, 64),
+            indefinite_hessian(),
+            HALF,
+            percdamp=1e-4,
+            max_retries=2,
+            name="model.layers.7.mlp.up_proj",
+        )
     h = torch.eye(64)
     h[5, 5] = math.nan
     with pytest.raises(RuntimeError, match="NaN"):

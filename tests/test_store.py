@@ -17,8 +17,16 @@ def _publish(store: Store, tmp_path: Path, key: str = "k1", payload: str = "hell
     (src / "sub").mkdir(parents=True, exist_ok=True)
     (src / "a.txt").write_text(payload)
     (src / "sub" / "b.bin").write_bytes(b"\x00\x01" * 100)
-    return store.publish("demo", key, src, config={"x": 1}, inputs=[], timings={"seconds": 1.0},
-                         summary={"rows": 2}, versions={"sd2": "test"})
+    return store.publish(
+        "demo",
+        key,
+        src,
+        config={"x": 1},
+        inputs=[],
+        timings={"seconds": 1.0},
+        summary={"rows": 2},
+        versions={"sd2": "test"},
+    )
 
 
 def _roundtrip(store: Store, tmp_path: Path) -> None:

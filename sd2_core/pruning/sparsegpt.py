@@ -90,7 +90,10 @@ def _upper_cholesky_of_inverse(
         if attempt < max_retries:
             log.warning(
                 "SparseGPT: Cholesky failed for layer %s with dampening %.3g x mean(diag H) (%s); retrying with %.3g",
-                name, frac, reason, frac * 10,
+                name,
+                frac,
+                reason,
+                frac * 10,
             )
         frac *= 10
     raise RuntimeError(
