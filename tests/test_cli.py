@@ -65,8 +65,22 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "2:3:4" in capsys.readouterr().err
     assert main(["mal", "--profile", "smoke", "--store", store, "--draft", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
-    assert main(["finetune", "--profile", "smoke", "--store", store, "--draft", "tiny-random-llama",
-                 "--distilled", "distill/0000"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--profile",
+                "smoke",
+                "--store",
+                store,
+                "--draft",
+                "tiny-random-llama",
+                "--distilled",
+                "distill/0000",
+            ]
+        )
+        == 2
+    )
     assert "distill/0000" in capsys.readouterr().err
     # nothing was built from the bad inputs (the target model itself is a legitimate artifact)
     assert {p.parent.parent.name for p in Path(store).glob("*/*/manifest.json")} <= {"model"}
