@@ -176,7 +176,10 @@ def profile(name: str, **overrides: object) -> CellConfig:
                 SourceSpec(kind="math", uri="hf:openai/gsm8k:main", limit=7_473),
             ),
             distill=DistillConfig(max_new_tokens=4096, batch_size=64, backend="vllm"),
-            prune=PruneConfig(calibration=CalibrationConfig(n_samples=128, seq_len=2048)),
+            prune=PruneConfig(
+                # the paper calibrates on DCLM; the shipped text is far too short for 128 x 2048 tokens
+                calibration=CalibrationConfig(uri="hf:mlfoundations/dclm-baseline-1.0", n_samples=128, seq_len=2048)
+            ),
             finetune=FinetuneConfig(steps=16_000, batch_size=8, max_seq_len=4096),
             mal=MalConfig(max_new_tokens=1024),
         )
