@@ -163,10 +163,6 @@ class Store:
             if rel == MANIFEST:
                 raise ValueError("an artifact's own files may not be named manifest.json")
             files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-        for rel in files:
-            dest = self._path(stage, key, rel)
-            self._io("mkdir", self.fs.makedirs, dest.rsplit("/", 1)[0], exist_ok=True)
-            self._io(f"upload {rel}", self.fs.put_file, str(Path(local_dir) / rel), dest)
         digest = _files_digest(files)
         manifest = {
             "stage": stage,
@@ -180,22 +176,46 @@ class Store:
             "versions": versions,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        self._write_manifest(stage, key, manifest)
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        if self.is_local:
+            self._publish_local(stage, key, Path(local_dir), files, data)
+        else:
+            for rel in files:
+                self._io(f"upload {rel}", self.fs.put_file, str(Path(local_dir) / rel), self._path(stage, key, rel))
+            # An S3 PUT is atomic: the manifest appears whole or not at all, after every file.
+            self._io("write manifest", self.fs.pipe_file, self._path(stage, key, MANIFEST), data)
+        if self.manifest(stage, key)["digest"] != digest:
+            log.info("artifact %s/%s was published concurrently by another run; using that one", stage, key)
+            return self.ref(stage, key)
         return ArtifactRef(stage=stage, key=key, uri=self.uri_of(stage, key), digest=digest, summary=summary)
 
-    def _write_manifest(self, stage: str, key: str, manifest: dict[str, Any]) -> None:
-        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        final = self._path(stage, key, MANIFEST)
-        if self.is_local:
-            tmp = final + ".tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
+    def _publish_local(self, stage: str, key: str, src: Path, files: dict[str, Any], manifest: bytes) -> None:
+        """Build the artifact in a private sibling folder and rename it into place: readers, and concurrent
+        writers of the same key, see either nothing or a whole artifact, never one being written."""
+        final = Path(self._path(stage, key))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".partial", dir=final.parent))
+        try:
+            for rel in files:
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._io(f"copy {rel}", shutil.copyfile, src / rel, dest)
+            with open(staging / MANIFEST, "wb") as fh:
+                fh.write(manifest)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        else:
-            # An S3 PUT is atomic: the object appears whole or not at all.
-            self._io("write manifest", self.fs.pipe_file, final, data)
+            for _ in range(3):
+                try:
+                    os.rename(staging, final)
+                    return
+                except OSError:
+                    if self.is_complete(stage, key):
+                        return  # another writer finished first; theirs stands
+                    shutil.rmtree(final, ignore_errors=True)  # debris of a crashed write: never complete
+            raise TransientError(f"store {self.uri}: could not move {stage}/{key} into place")
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
     def read_text(self, ref: ArtifactRef, name: str) -> str:
         with self._io(f"read {name}", self.fs.open, self._path(ref.stage, ref.key, name), "rb") as fh:

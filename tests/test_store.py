@@ -91,3 +91,35 @@ def test_s3_store_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         assert store.uri_of("demo", "k1") == "s3://sd2-store-test/runs/demo/k1"
         manifest = json.loads(store.fs.cat_file("sd2-store-test/runs/demo/k1/manifest.json"))
         assert manifest["key"] == "k1"
+
+
+def test_concurrent_publishers_of_one_key_leave_one_whole_artifact(tmp_path: Path) -> None:
+    """Two cells that share a stage may build it at the same time: one build wins whole, none is mixed or lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sd2_core.store import file_sha256
+
+    store = Store(str(tmp_path / "store"))
+    builds = []
+    for i in range(6):
+        folder = tmp_path / f"build{i}"
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(bytes([i]) * 3_000_000)
+        (folder / "note.txt").write_text(f"build {i}")
+        builds.append(folder)
+
+    def publish(folder: Path):
+        return store.publish(
+            "prune", "k1", folder, config={}, inputs=[], timings={}, summary={"from": folder.name}, versions={}
+        )
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        refs = list(pool.map(publish, builds))
+    manifest = store.manifest("prune", "k1")
+    assert {r.digest for r in refs} == {manifest["digest"]}  # every caller gets the artifact that stands
+    folder = Path(store.uri) / "prune" / "k1"
+    for name, meta in manifest["files"].items():
+        assert file_sha256(folder / name) == meta["sha256"]
+    winner = (folder / "note.txt").read_text()
+    assert (folder / "weights.bin").read_bytes() == bytes([int(winner.split()[-1])]) * 3_000_000
+    assert [p.name for p in (Path(store.uri) / "prune").iterdir()] == ["k1"]  # no staging debris
