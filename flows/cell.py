@@ -13,6 +13,7 @@ from sd2_core.store import ArtifactRef
 from tasks.stages import (
     distill_task,
     finetune_task,
+    layer_prune_task,
     mal_task,
     materialize_task,
     prune_task,
@@ -21,20 +22,13 @@ from tasks.stages import (
 )
 
 
-@flow(name="sd2-cell", flow_run_name="cell-{config.draft}-{config.prune.sparsity}")
-def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form's default
-    """One draft × sparsity cell against one target; returns the cell's summary record."""
+def target_stages(config: CellConfig) -> dict[str, ArtifactRef]:
+    """What every cell of one target shares: the target itself, its distilled data and its greedy reference."""
     store = config.store
     refs: dict[str, ArtifactRef] = {}
     refs["target"] = run_stage(materialize_task, "materialize-target", store=store, ref=config.target)
-    refs["draft"] = (
-        refs["target"]
-        if config.draft == config.target
-        else run_stage(materialize_task, "materialize-draft", store=store, ref=config.draft)
-    )
-    distilled = []
     for source in config.sources:
-        ref = run_stage(
+        refs[f"distill/{source.kind}"] = run_stage(
             distill_task,
             f"distill-{source.kind}",
             store=store,
@@ -42,14 +36,42 @@ def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B00
             source=source,
             cfg=config.distill,
         )
-        refs[f"distill/{source.kind}"] = ref
-        distilled.append(ref)
-    refs["prune"] = run_stage(
-        prune_task, f"prune-{config.prune.sparsity}", store=store, draft=refs["draft"], cfg=config.prune
-    )
     refs["reference"] = run_stage(
         reference_task, "target-greedy-reference", store=store, target=refs["target"], cfg=config.mal
     )
+    return refs
+
+
+@flow(name="sd2-distill", flow_run_name="distill-{config.target}")
+def distill_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form's default
+    """Per target: distillation of every dataset and the greedy reference, shared by all cells of that target."""
+    return {name: ref.to_dict() for name, ref in target_stages(config).items()}
+
+
+def one_shot_stage(config: CellConfig, draft: ArtifactRef) -> ArtifactRef:
+    """The variant's one-shot draft: SparseGPT, layer pruning, or the dense draft itself."""
+    method, store = config.prune.method, config.store
+    if method == "sparsegpt":
+        return run_stage(prune_task, f"prune-{config.prune.sparsity}", store=store, draft=draft, cfg=config.prune)
+    if method == "layer":
+        return run_stage(
+            layer_prune_task, f"layer-prune-{config.prune.sparsity}", store=store, draft=draft, cfg=config.prune
+        )
+    return draft
+
+
+@flow(name="sd2-cell", flow_run_name="cell-{config.draft}-{config.variant}")
+def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form's default
+    """One draft × variant cell against one target; returns the cell's summary record."""
+    store = config.store
+    refs = target_stages(config)
+    refs["draft"] = (
+        refs["target"]
+        if config.draft == config.target
+        else run_stage(materialize_task, "materialize-draft", store=store, ref=config.draft)
+    )
+    distilled = [refs[f"distill/{source.kind}"] for source in config.sources]
+    refs["prune"] = one_shot_stage(config, refs["draft"])
     refs["mal_one_shot"] = run_stage(
         mal_task,
         "mal-one-shot",

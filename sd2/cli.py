@@ -170,15 +170,14 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
-    # Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core laptop its
-    # default 20 s start-up limit is too short.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    _prefect_local_server()
     from flows.cell import cell_flow
+    from sd2_core.config import variant_prune
 
     base = _base_config(args)
-    prune = _update(base.prune, sparsity=args.sparsity)
+    if args.variant and args.sparsity:
+        raise UserError("give --variant or --sparsity, not both (--sparsity S is the variant sgpt-S)")
+    prune = variant_prune(args.variant, base.prune) if args.variant else _update(base.prune, sparsity=args.sparsity)
     cfg = _update(base, target=args.target, draft=args.draft, store=args.store, prune=prune.model_dump())
     start = time.time()
     summary = cell_flow(config=cfg)
@@ -186,16 +185,108 @@ def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """--set finetune.steps=100 --set mal.per_category=5 → {"finetune": {"steps": 100}, "mal": {...}}."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        path, sep, raw = item.partition("=")
+        parts = [p for p in path.strip().split(".") if p]
+        if not sep or len(parts) < 2:
+            raise UserError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. finetune.steps=100")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = overrides
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return overrides
+
+
+def _prefect_local_server() -> None:
+    import os
+
+    # Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core laptop its
+    # default 20 s start-up limit is too short.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    _prefect_local_server()
+    from sd2_core.config import GridConfig
+
+    if args.rerun_failed:
+        from flows.sweep import grid_of_run
+
+        grid = grid_of_run(args.rerun_failed)
+        log.info("rerunning sweep %r of run %s: finished cells are cache hits", grid.name, args.rerun_failed)
+    elif args.config:
+        try:
+            grid = GridConfig.model_validate_json(Path(args.config).read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {args.config!r} does not exist") from None
+    else:
+        grid = GridConfig()
+    changes: dict[str, Any] = {
+        "name": args.name,
+        "profile": args.profile,
+        "targets": args.targets,
+        "drafts": args.drafts,
+        "variants": args.variants,
+        "store": args.store,
+        "concurrency": args.concurrency,
+    }
+    if args.set:
+        changes["overrides"] = {**grid.overrides, **_parse_sets(args.set)}
+    grid = _update(grid, **changes)
+    from flows.sweep import sweep_flow
+
+    state = sweep_flow(grid=grid, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    result["state"] = state.type.value
+    result["message"] = state.message or ""
+    args.exit_code = 1 if result["failed"] else 0
+    return result
+
+
+def cmd_artifacts_ls(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core.catalog import human_size, list_artifacts
+    from sd2_core.store import Store
+
+    store = Store(args.store)
+    rows = list_artifacts(store, args.stage)
+    if not args.json:
+        for r in rows:
+            print(f"{r['stage']:<11} {r['key']}  {human_size(r['bytes']):>9}  {r['created']}  {r['summary']}")
+        args.quiet = True
+    return {"store": store.uri, "artifacts": rows}
+
+
+def cmd_artifacts_show(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core.catalog import find_manifest
+    from sd2_core.store import Store
+
+    store = Store(args.store)
+    manifest = find_manifest(store, args.key)
+    return {**manifest, "uri": store.uri_of(manifest["stage"], manifest["key"])}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd2", description="Self-distilled sparse drafters (SD²)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def output(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help="default settings")
         p.add_argument("--config", help="a CellConfig JSON file instead of a profile")
         p.add_argument("--store", help="artifact store: local folder or s3://bucket/prefix (default ./sd2-store)")
-        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        output(p)
 
     p = sub.add_parser("distill", help="the target rewrites one source's answers (self-data distillation)")
     common(p)
@@ -246,16 +337,45 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--target")
     p.add_argument("--draft")
-    p.add_argument("--sparsity", help="fraction in (0,1) or N:M")
+    p.add_argument("--sparsity", help="SparseGPT sparsity: fraction in (0,1) or N:M")
+    p.add_argument("--variant", help="dense, layer-50, sgpt-50, sgpt-66, sgpt-75, sgpt-2:4, ...")
     p.set_defaults(fn=cmd_cell)
+
+    p = sub.add_parser("sweep", help="a grid of cells (targets × drafts × variants) as one Prefect flow")
+    p.add_argument("--profile", choices=["smoke", "cpu", "paper"], help="stage sizes (default: cpu)")
+    p.add_argument("--config", help="a GridConfig JSON file")
+    p.add_argument("--name", help="label of the sweep")
+    p.add_argument("--targets", nargs="+", help="target model references")
+    p.add_argument("--drafts", nargs="+", help="draft model references")
+    p.add_argument("--variants", nargs="+", help="dense, layer-50, sgpt-50, sgpt-66, sgpt-75, sgpt-2:4, ...")
+    p.add_argument("--store", help="artifact store: local folder or s3://bucket/prefix")
+    p.add_argument("--concurrency", type=int, help="cells at the same time (default 1)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="stage override, repeatable")
+    p.add_argument("--rerun-failed", metavar="RUN", help="flow run name or id of an earlier sweep: run its grid again")
+    output(p)
+    p.set_defaults(fn=cmd_sweep)
+
+    artifacts = sub.add_parser("artifacts", help="inspect the artifact store")
+    asub = artifacts.add_subparsers(dest="artifacts_command", required=True)
+    for name, fn, helptext in (
+        ("ls", cmd_artifacts_ls, "list the complete artifacts"),
+        ("show", cmd_artifacts_show, "print one artifact's manifest"),
+    ):
+        p = asub.add_parser(name, help=helptext)
+        if name == "ls":
+            p.add_argument("--stage", help="only this stage (model, distill, prune, layerprune, finetune, mal, ...)")
+        else:
+            p.add_argument("key", help="stage/key, a key (or unique prefix) or the artifact's URI")
+        p.add_argument("--store", default="./sd2-store", help="local folder or s3://bucket/prefix")
+        output(p)
+        p.set_defaults(fn=fn)
 
     models = sub.add_parser("models", help="model references")
     msub = models.add_subparsers(dest="models_command", required=True)
     p = msub.add_parser("materialize", help="write any model reference as a plain Hugging Face folder")
     p.add_argument("ref")
     p.add_argument("--out", required=True)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    output(p)
     p.set_defaults(fn=cmd_models_materialize)
     return parser
 
@@ -274,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValidationError) as exc:
         sys.stderr.write(f"sd2: error: {exc}\n")
         return 2
-    _emit(args, result)
-    return 0
+    if not getattr(args, "quiet", False):
+        _emit(args, result)
+    return getattr(args, "exit_code", 0)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sd2_core.errors import UserError
 
 SourceKind = Literal["general", "translation", "math"]
 Backend = Literal["transformers", "vllm"]
 ProfileName = Literal["smoke", "cpu", "paper"]
+PruneMethod = Literal["sparsegpt", "layer", "none"]
+VARIANTS_HELP = (
+    "dense (no pruning), layer-P (drop P % of the decoder blocks by angular distance), sgpt-P (SparseGPT at P % "
+    "unstructured sparsity) or sgpt-N:M (SparseGPT N:M), e.g. dense, layer-50, sgpt-50, sgpt-66, sgpt-75, sgpt-2:4"
+)
 
 
 class _Frozen(BaseModel):
@@ -67,8 +72,13 @@ class CalibrationConfig(_Frozen):
 
 
 class PruneConfig(_Frozen):
-    """One-shot SparseGPT pruning of the draft's decoder Linear layers."""
+    """One-shot pruning of the draft: SparseGPT on its decoder Linear layers, layer pruning, or none (dense)."""
 
+    method: PruneMethod = Field(
+        "sparsegpt",
+        description="sparsegpt: SparseGPT at `sparsity`; layer: drop that fraction of the decoder blocks (angular "
+        "distance); none: keep the draft dense",
+    )
     sparsity: str = Field("0.5", description="fraction in (0, 1) such as 0.5, or an N:M pattern such as 2:4")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
@@ -83,6 +93,48 @@ class PruneConfig(_Frozen):
             return parse_sparsity(value).label
         except ValueError as exc:
             raise UserError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _layer_needs_fraction(self) -> PruneConfig:
+        if self.method == "layer" and ":" in self.sparsity:
+            raise UserError(
+                f"layer pruning drops a fraction of the blocks; sparsity {self.sparsity!r} is an N:M pattern"
+            )
+        return self
+
+    @property
+    def variant(self) -> str:
+        """The variant's name in a grid: dense, layer-50, sgpt-50, sgpt-2:4, ..."""
+        if self.method == "none":
+            return "dense"
+        if ":" in self.sparsity:
+            return f"sgpt-{self.sparsity}"
+        percent = float(self.sparsity) * 100
+        label = f"{percent:.0f}" if abs(percent - round(percent)) < 1e-6 else f"{percent:g}"
+        return f"{'layer' if self.method == 'layer' else 'sgpt'}-{label}"
+
+
+def variant_prune(name: str, base: PruneConfig | None = None) -> PruneConfig:
+    """The PruneConfig a variant name stands for (calibration and SparseGPT settings kept from `base`)."""
+    base = base or PruneConfig()
+    text = str(name).strip().lower()
+    if text == "dense":
+        return base.model_copy(update={"method": "none"})
+    kind, _, amount = text.partition("-")
+    methods = {"sgpt": "sparsegpt", "layer": "layer"}
+    if kind not in methods or not amount:
+        raise UserError(f"unknown variant {name!r}; valid: {VARIANTS_HELP}")
+    if ":" in amount:
+        sparsity = amount
+    else:
+        try:
+            percent = float(amount)
+        except ValueError:
+            raise UserError(f"variant {name!r}: {amount!r} is not a percentage; valid: {VARIANTS_HELP}") from None
+        if not 0 < percent < 100:
+            raise UserError(f"variant {name!r}: {amount} % is out of range (0, 100); valid: {VARIANTS_HELP}")
+        sparsity = repr(round(percent / 100, 4))
+    return PruneConfig.model_validate({**base.model_dump(), "method": methods[kind], "sparsity": sparsity})
 
 
 class FinetuneConfig(_Frozen):
@@ -136,6 +188,10 @@ class CellConfig(_Frozen):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     mal: MalConfig = Field(default_factory=MalConfig)
 
+    @property
+    def variant(self) -> str:
+        return self.prune.variant
+
     @field_validator("sources")
     @classmethod
     def _one_per_kind(cls, sources: tuple[SourceSpec, ...]) -> tuple[SourceSpec, ...]:
@@ -186,3 +242,75 @@ def profile(name: str, **overrides: object) -> CellConfig:
     else:
         raise UserError(f"unknown profile {name!r}; valid profiles: smoke, cpu, paper")
     return CellConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
+
+
+OVERRIDABLE = ("sources", "distill", "prune", "finetune", "mal")
+
+
+def _merge(base: object, change: object) -> object:
+    if isinstance(base, dict) and isinstance(change, dict):
+        return {k: _merge(base.get(k), v) if k in base else v for k, v in {**base, **change}.items()}
+    return change
+
+
+class GridConfig(_Frozen):
+    """A sweep: every target × draft × variant cell, on one profile, with optional stage overrides."""
+
+    name: str = Field("default", min_length=1, description="label of this sweep (run names, results artifact)")
+    targets: list[str] = Field(
+        default_factory=lambda: ["smollm2-135m-instruct"],
+        min_length=1,
+        description="target models: built-in names, local HF folders or hub ids",
+    )
+    drafts: list[str] = Field(
+        default_factory=lambda: ["smollm2-135m-instruct"],
+        min_length=1,
+        description="draft base models (pruned and fine-tuned per variant): built-in names, local folders or hub ids",
+    )
+    variants: list[str] = Field(
+        default_factory=lambda: ["layer-50", "sgpt-50", "sgpt-2:4", "sgpt-75"],
+        min_length=1,
+        description=VARIANTS_HELP,
+    )
+    profile: ProfileName = Field("cpu", description="sizes of every stage: smoke (tests), cpu (laptop), paper (GPUs)")
+    store: str = Field("./sd2-store", description="artifact store: local folder or s3://bucket/prefix")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="changes to the profile's stage settings, by section: sources, distill, prune (calibration and "
+        "SparseGPT settings; the variant sets method and sparsity), finetune, mal; e.g. "
+        '{"finetune": {"steps": 100}, "mal": {"per_category": 5}}',
+    )
+    concurrency: int = Field(1, ge=1, le=64, description="cells run at the same time (each a subflow)")
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_sections(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(overrides) - set(OVERRIDABLE))
+        if unknown:
+            raise UserError(f"unknown override sections {unknown}; valid: {', '.join(OVERRIDABLE)}")
+        return overrides
+
+    @model_validator(mode="after")
+    def _cells_valid(self) -> GridConfig:
+        for name, values in (("targets", self.targets), ("drafts", self.drafts), ("variants", self.variants)):
+            if len(set(values)) != len(values):
+                raise UserError(f"{name} lists a value twice: {values}")
+        self.cells()  # every cell must be a valid CellConfig before anything runs
+        return self
+
+    def base_cell(self, target: str) -> CellConfig:
+        """The profile's cell for one target, with the overrides applied (what its distillation depends on)."""
+        base = profile(self.profile).model_dump(mode="json")
+        merged = {k: _merge(base[k], self.overrides[k]) if k in self.overrides else base[k] for k in base}
+        return CellConfig.model_validate({**merged, "target": target, "draft": target, "store": self.store})
+
+    def cells(self) -> list[CellConfig]:
+        """Every target × draft × variant cell, in that order."""
+        out = []
+        for target in self.targets:
+            base = self.base_cell(target)
+            for draft in self.drafts:
+                for variant in self.variants:
+                    prune = variant_prune(variant, base.prune)
+                    out.append(base.model_copy(update={"draft": draft, "prune": prune}))
+        return out

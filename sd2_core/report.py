@@ -16,15 +16,20 @@ def _mal_view(ref: ArtifactRef) -> dict[str, Any]:
 def cell_summary(config: CellConfig, refs: dict[str, ArtifactRef]) -> dict[str, Any]:
     """Flatten the artifacts of one cell into the record `sd2 cell --json` prints.
 
-    `refs` holds: target, draft, prune, finetune, reference, mal_one_shot, mal_sd2 and distill/<kind>.
+    `refs` holds: target, draft, prune (the one-shot draft: pruned, layer-pruned, or the dense draft itself),
+    finetune, reference, mal_one_shot, mal_sd2 and distill/<kind>.
     Timings are the seconds each artifact took to build (a cached rerun reports the original cost).
+    Sparsity is of the original draft's decoder Linear weights; for layer pruning the removed blocks count as
+    sparse, and fine-tuning cannot bring them back, so the SD² draft keeps the one-shot figure.
     """
     one, sd2 = refs["mal_one_shot"].summary, refs["mal_sd2"].summary
+    pruned, tuned = refs["prune"].summary, refs["finetune"].summary
+    layer = config.prune.method == "layer"
     return {
         "cell": {
             "target": config.target,
             "draft": config.draft,
-            "variant": f"sgpt-{config.prune.sparsity}",
+            "variant": config.variant,
             "profile": config.profile,
         },
         "mal": {"one_shot": _mal_view(refs["mal_one_shot"]), "sd2": _mal_view(refs["mal_sd2"])},
@@ -41,9 +46,13 @@ def cell_summary(config: CellConfig, refs: dict[str, ArtifactRef]) -> dict[str, 
         },
         "k": sd2["k"],
         "sparsity": {
-            "target": config.prune.sparsity,
-            "pruned": refs["prune"].summary["sparsity"],
-            "finetuned": refs["finetune"].summary["sparsity"],
+            "target": None if config.prune.method == "none" else config.prune.sparsity,
+            "pruned": pruned["sparsity"],
+            "finetuned": pruned["sparsity"] if layer else tuned["sparsity"],
+        },
+        "params": {
+            "one_shot": {"nonzero": pruned["nonzero_params"], "total": pruned["total_params"]},
+            "sd2": {"nonzero": tuned["nonzero_params"], "total": tuned["total_params"]},
         },
         "finetune": {
             "loss_first": refs["finetune"].summary["loss_first"],

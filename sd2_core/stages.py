@@ -41,7 +41,16 @@ Progress = Callable[[int, int, str], None]
 
 # Bump a stage's number when its algorithm changes (prompt templates and leak markers included),
 # so old artifacts stop matching.
-STAGE_CODE = {"model": "1", "distill": "1", "prune": "1", "finetune": "1", "reference": "1", "mal": "1"}
+STAGE_CODE = {
+    "model": "2",
+    "distill": "1",
+    "prune": "1",
+    "layerprune": "1",
+    "finetune": "1",
+    "reference": "1",
+    "mal": "1",
+    "results": "1",
+}
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -167,10 +176,20 @@ def materialize_model(store: Store, ref: str, plan_only: bool = False) -> Artifa
         config = {"ref": ref, "content": _folder_digest(source)}
 
     def build(out: Path) -> dict[str, Any]:
+        from sd2_core.pruning.model_pruner import measure_sparsity
+
         src = builtin_dir(ref) if source is None else source
         _copy_model_files(src, out)
         cfg = json.loads((out / "config.json").read_text())
-        return {"ref": ref, "model_type": cfg.get("model_type"), "layers": cfg.get("num_hidden_layers")}
+        measured = measure_sparsity(load_model(out))
+        return {
+            "ref": ref,
+            "model_type": cfg.get("model_type"),
+            "layers": cfg.get("num_hidden_layers"),
+            "sparsity": measured["overall"],
+            "nonzero_params": measured["nonzero_params"],
+            "total_params": measured["total_params"],
+        }
 
     return _stage(store, "model", config, [], build, plan_only)
 
@@ -248,8 +267,55 @@ def prune(
             "damp_retries": retries,
         }
 
-    config = {**cfg.model_dump(mode="json"), **data_identity(cfg.calibration.uri)}
+    if cfg.method != "sparsegpt":
+        raise UserError(f"prune runs SparseGPT; method {cfg.method!r} belongs to another stage (see prune_variant)")
+    # The stage is SparseGPT: `method` is implied by it and stays out of the key.
+    config = {**cfg.model_dump(mode="json", exclude={"method"}), **data_identity(cfg.calibration.uri)}
     return _stage(store, "prune", config, [draft], build, plan_only)
+
+
+def layer_prune(
+    store: Store, draft: ArtifactRef, cfg: PruneConfig, progress: Progress | None = None, plan_only: bool = False
+) -> ArtifactRef | Planned:
+    """Drop the contiguous `sparsity` fraction of the draft's decoder blocks with the smallest angular distance."""
+    from sd2_core.data.calibration import load_calibration
+    from sd2_core.pruning.layer_pruner import prune_layers
+    from sd2_core.pruning.model_pruner import decoder_linears, measure_sparsity
+    from sd2_core.pruning.sparsity import parse_sparsity
+
+    if cfg.method != "layer":
+        raise UserError(f"layer_prune drops decoder blocks; method {cfg.method!r} belongs to another stage")
+    fraction = parse_sparsity(cfg.sparsity).fraction
+
+    def build(out: Path) -> dict[str, Any]:
+        model, tokenizer, _ = _load(store, draft)
+        linear_before = sum(m.weight.numel() for m in decoder_linears(model).values())
+        input_ids, attention_mask = load_calibration(tokenizer, cfg.calibration)
+        if progress:
+            progress(0, 1, "measuring angular distances between blocks")
+        pruned, report = prune_layers(model, input_ids, attention_mask, fraction)
+        if progress:
+            progress(1, 1, f"dropped blocks {report['dropped'][0]}..{report['dropped'][-1]}")
+        linear_nonzero_after = sum(int(torch.count_nonzero(m.weight)) for m in decoder_linears(pruned).values())
+        measured = measure_sparsity(pruned)
+        save_model(pruned, tokenizer, out)
+        (out / "layer_prune_report.json").write_text(json.dumps(report, indent=2))
+        return {
+            "sparsity_target": cfg.sparsity,
+            # of the original draft's decoder Linear weights, the fraction that is gone (removed or zero)
+            "sparsity": 1.0 - linear_nonzero_after / linear_before,
+            "nonzero_params": measured["nonzero_params"],
+            "total_params": measured["total_params"],
+            "dropped": report["dropped"],
+            "num_layers_after": report["num_layers_after"],
+        }
+
+    config = {
+        "sparsity": cfg.sparsity,
+        "calibration": cfg.calibration.model_dump(mode="json"),
+        **data_identity(cfg.calibration.uri),
+    }
+    return _stage(store, "layerprune", config, [draft], build, plan_only)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -417,3 +483,27 @@ def _mean_prompt_len(tokenizer, prompts) -> int:
         )
         lengths.append(len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
     return int(round(sum(lengths) / max(len(lengths), 1)))
+
+
+def results(store: Store, name: str, rows: list[dict[str, Any]], plan_only: bool = False) -> ArtifactRef | Planned:
+    """The sweep's results as an artifact: tidy table (parquet + CSV), plots (PNG) and a markdown summary."""
+    from sd2_core.plots import draw_all
+    from sd2_core.results import results_frame, summary_markdown
+
+    def build(out: Path) -> dict[str, Any]:
+        frame = results_frame(rows)
+        frame.to_parquet(out / "results.parquet", index=False)
+        frame.to_csv(out / "results.csv", index=False)
+        plots = draw_all(frame, out / "plots")
+        images = {p.stem: f"plots/{p.name}" for p in plots}
+        (out / "summary.md").write_text(summary_markdown(frame, f"SD² sweep {name}", images))
+        cells = frame.drop_duplicates(["target", "draft", "variant"])
+        return {
+            "name": name,
+            "cells": len(cells),
+            "failed": int((cells["status"] == "failed").sum()),
+            "rows": len(frame),
+            "plots": sorted(images.values()),
+        }
+
+    return _stage(store, "results", {"name": name, "rows": rows}, [], build, plan_only)

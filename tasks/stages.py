@@ -106,17 +106,21 @@ def _stage_task(stage_fn: Callable[..., Any], name: str, takes_progress: bool = 
 materialize_task = _stage_task(stages.materialize_model, "materialize", takes_progress=False)
 distill_task = _stage_task(stages.distill, "distill")
 prune_task = _stage_task(stages.prune, "prune")
+layer_prune_task = _stage_task(stages.layer_prune, "layer-prune")
 finetune_task = _stage_task(stages.finetune, "finetune")
 reference_task = _stage_task(stages.reference, "reference")
 mal_task = _stage_task(stages.mal, "mal")
+results_task = _stage_task(stages.results, "results", takes_progress=False)
 
 _STAGE_OF = {
     materialize_task: stages.materialize_model,
     distill_task: stages.distill,
     prune_task: stages.prune,
+    layer_prune_task: stages.layer_prune,
     finetune_task: stages.finetune,
     reference_task: stages.reference,
     mal_task: stages.mal,
+    results_task: stages.results,
 }
 
 

@@ -5,26 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prefect_states import task_states
 from s3server import s3_server
 
 from sd2_core.config import profile
-
-
-def _task_states(flow_state) -> dict[str, str]:
-    """Final state name of every task run of a flow run, as the Prefect API records them."""
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run_id = flow_state.state_details.flow_run_id
-    deadline = time.time() + 60
-    with get_client(sync_client=True) as client:
-        while True:  # task states reach the API through events: wait until every one has landed
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if (runs and all(r.state is not None and r.state.is_final() for r in runs)) or time.time() > deadline:
-                return {run.name: run.state.name if run.state else "no state" for run in runs}
-            time.sleep(0.5)
 
 
 def _run_twice(store: str) -> tuple[dict, dict[str, str], dict[str, str]]:
@@ -34,11 +18,11 @@ def _run_twice(store: str) -> tuple[dict, dict[str, str], dict[str, str]]:
     first = cell_flow(config=config, return_state=True)
     assert first.is_completed(), first.message
     summary = first.result()
-    first_states = _task_states(first)
+    first_states = task_states(first)
     second = cell_flow(config=config, return_state=True)
     assert second.is_completed(), second.message
     assert second.result() == summary
-    return summary, first_states, _task_states(second)
+    return summary, first_states, task_states(second)
 
 
 def _check(summary: dict, first: dict[str, str], second: dict[str, str]) -> None:

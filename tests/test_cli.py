@@ -82,6 +82,16 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
         == 2
     )
     assert "distill/0000" in capsys.readouterr().err
+    assert main(["cell", "--profile", "smoke", "--store", store, "--variant", "sgpt-120"]) == 2
+    assert "sgpt-120" in capsys.readouterr().err
+    assert main(["cell", "--profile", "smoke", "--store", store, "--variant", "dense", "--sparsity", "0.5"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["sweep", "--profile", "smoke", "--store", store, "--variants", "sgpt-50", "pruned-lots"]) == 2
+    assert "pruned-lots" in capsys.readouterr().err
+    assert main(["sweep", "--profile", "smoke", "--store", store, "--set", "finetune.stepz=3"]) == 2
+    assert "stepz" in capsys.readouterr().err
+    assert main(["sweep", "--profile", "smoke", "--store", store, "--set", "steps=3"]) == 2
+    assert "SECTION.FIELD=VALUE" in capsys.readouterr().err
     # nothing was built from the bad inputs (the target model itself is a legitimate artifact)
     assert {p.parent.parent.name for p in Path(store).glob("*/*/manifest.json")} <= {"model"}
 
@@ -99,3 +109,13 @@ def test_console_script_prints_json_only_on_stdout(tmp_path: Path) -> None:
     from sd2_core.models import load_model, load_tokenizer
 
     assert load_tokenizer(out).chat_template and load_model(out).config.num_hidden_layers == 2
+
+
+def test_set_overrides_parse_into_sections() -> None:
+    from sd2.cli import _parse_sets
+
+    assert _parse_sets(["finetune.steps=100", "mal.per_category=5", "prune.calibration.uri=/data/c4.txt"]) == {
+        "finetune": {"steps": 100},
+        "mal": {"per_category": 5},
+        "prune": {"calibration": {"uri": "/data/c4.txt"}},
+    }

@@ -35,12 +35,12 @@ class _StopForward(Exception):
     """Raised by the capture hook once the last decoder layer's inputs are recorded: the rest is waste."""
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     layers = getattr(getattr(model, "model", None), "layers", None)
     return layers if isinstance(layers, nn.ModuleList) else None
 
 
-def _no_layers_error(model: nn.Module) -> UserError:
+def no_layers_error(model: nn.Module) -> UserError:
     return UserError(
         f"{type(model).__name__} has no decoder blocks at model.model.layers; expected a Hugging Face decoder-only "
         "causal LM (e.g. LlamaForCausalLM, Qwen2ForCausalLM) or one of its decoder layers"
@@ -53,7 +53,7 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     Given a whole model, names are full paths ("model.layers.3.mlp.up_proj"); given one decoder layer
     (a module with Linears and no embedding), names are relative to it ("mlp.up_proj").
     """
-    if _decoder_layers(model) is not None:
+    if decoder_layers(model) is not None:
         return {
             name: module
             for name, module in model.named_modules()
@@ -62,11 +62,11 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     is_layer = not isinstance(model, nn.Linear) and not any(isinstance(m, nn.Embedding) for m in model.modules())
     found = {name: m for name, m in model.named_modules() if name and isinstance(m, nn.Linear)} if is_layer else {}
     if not found:
-        raise _no_layers_error(model)
+        raise no_layers_error(model)
     return found
 
 
-def _as_hidden(output: Any) -> Tensor:
+def as_hidden(output: Any) -> Tensor:
     """Decoder layers return a tensor (transformers 5) or a tuple whose first item is the hidden states."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -166,9 +166,9 @@ def prune_model(
     overall decoder-Linear sparsity, seconds.
     """
     spec = parse_sparsity(spec)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if layers is None or len(layers) == 0:
-        raise _no_layers_error(model)
+        raise no_layers_error(model)
     _check_inputs(input_ids, attention_mask)
     for name, linear in decoder_linears(model).items():  # fail before the expensive part
         check_nm_width(linear.in_features, spec, name)
@@ -200,7 +200,7 @@ def prune_model(
                     }
                 del hessians
                 # the pruned layer's outputs are what the next layer will see at inference
-                hidden = [_as_hidden(layer(h, *a, **kw)) for h, (a, kw) in zip(hidden, calls[index], strict=True)]
+                hidden = [as_hidden(layer(h, *a, **kw)) for h, (a, kw) in zip(hidden, calls[index], strict=True)]
                 log.info("pruned decoder layer %d/%d (%s) to %s", index + 1, len(layers), prefix, spec.label)
                 if progress is not None:
                     progress(index + 1, len(layers), f"pruned {prefix} to {spec.label}")

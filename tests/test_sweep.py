@@ -1,0 +1,129 @@
+"""The sweep flow under Prefect's real test harness: failure isolation, results table, rerun of the failed cell only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from prefect_states import subflow_task_states, task_states_of
+
+from sd2.cli import main
+from sd2_core.config import GridConfig
+from sd2_core.models import builtin_dir
+
+SHARED = {"materialize-target", "distill-general", "distill-translation", "distill-math", "target-greedy-reference"}
+
+
+def _draft_folder(path: Path, seed: int, with_weights: bool = True) -> Path:
+    """A second tiny draft (its own random weights), optionally without its weights file (a broken download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    source = builtin_dir("tiny-random-llama")
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig.from_pretrained(source)).save_pretrained(path)
+    for f in source.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, path / f.name)
+    if not with_weights:
+        (path / "model.safetensors").rename(path.parent / f"{path.name}.weights")
+    return path
+
+
+def _results(summary: dict) -> pd.DataFrame:
+    return pd.read_parquet(Path(summary["results"]) / "results.parquet")
+
+
+def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from flows.sweep import grid_of_run, sweep_flow
+
+    good = _draft_folder(tmp_path / "draft-good", seed=7)
+    broken = _draft_folder(tmp_path / "draft-broken", seed=8, with_weights=False)
+    grid = GridConfig(
+        name="failure-test",
+        profile="smoke",
+        targets=["tiny-random-llama"],
+        drafts=["tiny-random-llama", str(good), str(broken)],
+        variants=["sgpt-50"],
+        store=str(tmp_path / "store"),
+        concurrency=2,
+    )
+
+    first = sweep_flow(grid=grid, return_state=True)
+    assert first.is_failed() and first.message == "1 of 3 cells failed"
+    summary = first.result(raise_on_failure=False)
+    assert [f["draft"] for f in summary["failed"]] == [str(broken)]
+    assert "model.safetensors" in summary["failed"][0]["error"]
+
+    table = _results(summary)
+    assert len(table) == 6 and set(table["stage"]) == {"one_shot", "sd2"}
+    failed_rows = table[table["draft"] == str(broken)]
+    assert set(failed_rows["status"]) == {"failed"} and failed_rows["mal"].isna().all()
+    assert failed_rows["error"].str.contains("model.safetensors").all()
+    done = table[table["status"] == "completed"]
+    assert len(done) == 4
+    assert done["mal"].between(1.0, 4.0).all()  # smoke profile: k = 3
+    assert (done["lossless"] == done["lossless_total"]).all()
+    assert done["sparsity"].between(0.49, 0.51).all()
+    assert any(c.startswith("mal_") and c not in ("mal_s", "mal_uri") for c in table.columns)
+    assert (Path(summary["results"]) / "results.csv").exists()
+    assert len(summary["plots"]) == 3 and all(Path(p).stat().st_size > 1000 for p in summary["plots"])
+
+    # remove the cause; the same sweep again recomputes only the failed cell
+    (tmp_path / "draft-broken.weights").rename(broken / "model.safetensors")
+    # ... named by the earlier run, as a user would from the CLI
+    assert grid_of_run(summary["flow_run_name"]) == grid
+    assert main(["sweep", "--rerun-failed", summary["flow_run_name"], "--json"]) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["state"] == "COMPLETED" and second["failed"] == []
+    assert len(_results(second)) == 6
+
+    runs = subflow_task_states(second["flow_run_id"])
+    cells = {name: states for name, states in runs.items() if name.startswith("cell-")}
+    assert len(cells) == 3
+    rerun = cells[f"cell-{broken}-sgpt-50"]
+    for name, states in cells.items():
+        if name == f"cell-{broken}-sgpt-50":
+            assert {n for n, s in states.items() if s != "Cached"} == {
+                "materialize-draft",
+                "prune-0.5",
+                "mal-one-shot",
+                "finetune",
+                "mal-sd2",
+            }, rerun
+            assert all(states[n] == "Cached" for n in SHARED)
+        else:
+            assert set(states.values()) == {"Cached"}, (name, states)
+    distill_runs = [states for name, states in runs.items() if name.startswith("distill-")]
+    assert distill_runs and all(set(s.values()) == {"Cached"} for s in distill_runs)
+    assert task_states_of(second["flow_run_id"])["results"] == "Completed"  # the table changed: it is rebuilt
+
+
+def test_variants_dense_layer_and_2_4(prefect_api, tmp_path: Path) -> None:
+    from flows.sweep import sweep_flow
+
+    grid = GridConfig(
+        name="variants-test",
+        profile="smoke",
+        targets=["tiny-random-llama"],
+        drafts=["tiny-random-llama"],
+        variants=["dense", "layer-50", "sgpt-2:4"],
+        store=str(tmp_path / "store"),
+        overrides={"finetune": {"steps": 2}},
+    )
+    state = sweep_flow(grid=grid, return_state=True)
+    assert state.is_completed(), state.message
+    table = _results(state.result()).set_index(["variant", "stage"])
+    k = 3
+    # the dense draft is the target itself: every draft token is accepted
+    assert table.loc[("dense", "one_shot"), "mal"] == pytest.approx(k + 1)
+    assert table.loc[("dense", "one_shot"), "sparsity"] == pytest.approx(0.0, abs=1e-6)
+    assert table.loc[("layer-50", "one_shot"), "sparsity"] == pytest.approx(0.5, abs=1e-6)  # 1 of 2 blocks gone
+    assert table.loc[("layer-50", "sd2"), "sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert table.loc[("sgpt-2:4", "sd2"), "sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert table.loc[("layer-50", "one_shot"), "c"] < table.loc[("dense", "one_shot"), "c"]
+    assert (table["mal"].between(1.0, k + 1)).all()
+    assert (table["lossless"] == table["lossless_total"]).all()
