@@ -75,8 +75,15 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
     logger.info("sweep %s: %d cells (%s), concurrency %d", grid.name, len(cells), grid.profile, grid.concurrency)
     progress = create_progress_artifact(0.0, key="sd2-sweep-progress", description=f"sweep {grid.name}: 0 cells done")
 
-    for target in grid.targets:  # shared by every cell of the target: computed once, before the cells
-        distill_flow.with_options(flow_run_name=f"distill-{target}")(grid.base_cell(target))
+    # Shared by every cell of a target: computed once, before its cells. A target that cannot be
+    # distilled fails its own cells (with that error) and no others.
+    target_errors: dict[str, str] = {}
+    for target in grid.targets:
+        state = distill_flow.with_options(flow_run_name=f"distill-{target}")(grid.base_cell(target), return_state=True)
+        if not state.is_completed():
+            error = state.result(raise_on_failure=False)
+            target_errors[target] = f"distillation of target failed: {type(error).__name__}: {error}"
+            logger.error("target %s: %s", target, target_errors[target])
 
     finished = {"n": 0, "failed": 0}
 
@@ -99,9 +106,15 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
         )
 
     started = time.time()
-    outcomes = _run_cells(cells, grid.concurrency, on_done)
+    runnable = [c for c in cells if c.target not in target_errors]
+    outcomes = _run_cells(runnable, grid.concurrency, on_done)
+    for cell in cells:
+        if cell.target in target_errors:
+            on_done(cell, target_errors[cell.target])
+    by_cell = {id(cell): (result, error) for cell, result, error in outcomes}
     rows: list[dict[str, Any]] = []
-    for cell, result, error in outcomes:
+    for cell in cells:  # grid order, whatever order the cells finished in
+        result, error = by_cell.get(id(cell), (None, target_errors.get(cell.target)))
         rows += failed_rows(cell, error) if error else cell_rows(result)
     ref = run_stage(results_task, "results", store=grid.store, name=grid.name, rows=rows)
     report = _publish_prefect_artifacts(grid, rows, ref)

@@ -103,20 +103,28 @@ def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, ca
 
 
 def test_variants_dense_layer_and_2_4(prefect_api, tmp_path: Path) -> None:
+    """Every variant kind runs; a target that cannot be distilled fails its own cells and no others."""
     from flows.sweep import sweep_flow
 
+    missing_target = str(tmp_path / "no-such-target")
     grid = GridConfig(
         name="variants-test",
         profile="smoke",
-        targets=["tiny-random-llama"],
+        targets=["tiny-random-llama", missing_target],
         drafts=["tiny-random-llama"],
         variants=["dense", "layer-50", "sgpt-2:4"],
         store=str(tmp_path / "store"),
         overrides={"finetune": {"steps": 2}},
     )
     state = sweep_flow(grid=grid, return_state=True)
-    assert state.is_completed(), state.message
-    table = _results(state.result()).set_index(["variant", "stage"])
+    assert state.is_failed() and state.message == "3 of 6 cells failed"
+    everything = _results(state.result(raise_on_failure=False))
+    lost = everything[everything["target"] == missing_target]
+    assert len(lost) == 6 and set(lost["status"]) == {"failed"}
+    assert lost["error"].str.startswith("distillation of target failed").all()
+    assert lost["error"].str.contains("no-such-target").all()
+    table = everything[everything["target"] == "tiny-random-llama"].set_index(["variant", "stage"])
+    assert set(table["status"]) == {"completed"}
     k = 3
     # the dense draft is the target itself: every draft token is accepted
     assert table.loc[("dense", "one_shot"), "mal"] == pytest.approx(k + 1)
