@@ -70,6 +70,7 @@ def _run_cells(cells: list[CellConfig], concurrency: int, on_done) -> list[tuple
 @flow(name="sd2-sweep", task_runner=ThreadPoolTaskRunner(max_workers=MAX_THREADS))
 def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI form's default
     """Run a grid of SD² cells; publish the results table, plots and a summary; fail if any cell failed."""
+    started = time.time()
     logger = get_run_logger()
     cells = grid.cells()
     logger.info("sweep %s: %d cells (%s), concurrency %d", grid.name, len(cells), grid.profile, grid.concurrency)
@@ -105,7 +106,6 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
             description=f"sweep {grid.name}: {finished['n']}/{len(cells)} cells done, {finished['failed']} failed",
         )
 
-    started = time.time()
     runnable = [c for c in cells if c.target not in target_errors]
     outcomes = _run_cells(runnable, grid.concurrency, on_done)
     for cell in cells:
@@ -117,7 +117,7 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
         result, error = by_cell.get(id(cell), (None, target_errors.get(cell.target)))
         rows += failed_rows(cell, error) if error else cell_rows(result)
     ref = run_stage(results_task, "results", store=grid.store, name=grid.name, rows=rows)
-    report = _publish_prefect_artifacts(grid, rows, ref)
+    _publish_prefect_artifacts(grid, rows, ref)
     failed = [r for r in rows if r["status"] == "failed" and r["stage"] == "one_shot"]
     summary = {
         "sweep": grid.name,
@@ -130,18 +130,23 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
         "results": ref.uri,
         "plots": [f"{ref.uri}/{p}" for p in ref.summary.get("plots", [])],
         "seconds": round(time.time() - started, 1),
-        "report": report,
+        "rows": _json_rows(rows),
     }
     if failed:
         return Failed(message=f"{len(failed)} of {len(cells)} cells failed", data=summary)
     return summary
 
 
-def _publish_prefect_artifacts(grid: GridConfig, rows: list[dict[str, Any]], ref) -> str:
+def _json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows as plain JSON values (missing figures as null)."""
+    frame = results_frame(rows)
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def _publish_prefect_artifacts(grid: GridConfig, rows: list[dict[str, Any]], ref) -> None:
     """The results as a Prefect table artifact and a markdown summary with the plots embedded."""
     frame = results_frame(rows)
-    table = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-    create_table_artifact(table, key="sd2-sweep-results", description=f"SD² sweep {grid.name}: {ref.uri}")
+    create_table_artifact(_json_rows(rows), key="sd2-sweep-results", description=f"SD² sweep {grid.name}: {ref.uri}")
     store = Store(grid.store)
     folder = store.local_dir(ref)
     images = {
@@ -150,7 +155,6 @@ def _publish_prefect_artifacts(grid: GridConfig, rows: list[dict[str, Any]], ref
     }
     text = summary_markdown(frame, f"SD² sweep {grid.name}", images) + f"\nArtifacts: `{ref.uri}`\n"
     create_markdown_artifact(text, key="sd2-sweep-summary", description=f"SD² sweep {grid.name}")
-    return ref.uri
 
 
 def grid_of_run(run: str) -> GridConfig:

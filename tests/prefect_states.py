@@ -45,3 +45,20 @@ def subflow_task_states(flow_run_id: UUID | str) -> dict[str, dict[str, str]]:
             for child in children:
                 out[child.name] = task_states_of(child.id)
     return out
+
+
+def max_overlap(flow_run_id: UUID | str, run_names: set[str]) -> int:
+    """The most of these task runs that were running at the same moment, from their recorded start and end."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(flow_run_id))])))
+    runs = [r for r in runs if r.name in run_names]
+    assert len(runs) == len(run_names), [r.name for r in runs]
+    events = sorted([(r.start_time, 1) for r in runs] + [(r.end_time, -1) for r in runs], key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak

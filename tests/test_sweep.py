@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from prefect_states import subflow_task_states, task_states_of
+from prefect_states import max_overlap, subflow_task_states, task_states_of
 
 from sd2.cli import main
 from sd2_core.config import GridConfig
@@ -57,8 +57,12 @@ def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, ca
     summary = first.result(raise_on_failure=False)
     assert [f["draft"] for f in summary["failed"]] == [str(broken)]
     assert "model.safetensors" in summary["failed"][0]["error"]
+    # cells ran side by side, never more than the limit
+    cell_runs = {f"{draft}-sgpt-50" for draft in grid.drafts}
+    assert max_overlap(summary["flow_run_id"], cell_runs) == 2
 
     table = _results(summary)
+    assert len(summary["rows"]) == 6 and summary["rows"][0]["draft"] == "tiny-random-llama"
     assert len(table) == 6 and set(table["stage"]) == {"one_shot", "sd2"}
     failed_rows = table[table["draft"] == str(broken)]
     assert set(failed_rows["status"]) == {"failed"} and failed_rows["mal"].isna().all()
