@@ -441,7 +441,13 @@ def mal(
         prompts = _mal_prompts(cfg)
         reference_tokens = json.loads(store.read_text(ref, "reference.json"))
         target_model, tokenizer, _ = _load(store, target)
-        draft_model, _, _ = _load(store, draft)
+        draft_model, draft_tokenizer, _ = _load(store, draft)
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(
+                f"draft {draft.summary.get('ref', draft.uri)} and target {target.summary.get('ref', target.uri)} "
+                "have different vocabularies; token-level speculative decoding needs a draft with the target's "
+                "tokenizer (cross-tokenizer drafting is not supported)"
+            )
         result = measure_mal(
             target_model,
             draft_model,

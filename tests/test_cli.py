@@ -119,3 +119,18 @@ def test_set_overrides_parse_into_sections() -> None:
         "mal": {"per_category": 5},
         "prune": {"calibration": {"uri": "/data/c4.txt"}},
     }
+
+
+def test_draft_with_another_vocabulary_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sd2_core.models import builtin_dir, load_tokenizer
+
+    draft = tmp_path / "other-vocab"
+    assert main(["models", "materialize", "tiny-random-llama", "--out", str(draft)]) == 0
+    tokenizer = load_tokenizer(builtin_dir("tiny-random-llama"))
+    tokenizer.add_tokens(["<sd2-extra-token>"])
+    tokenizer.save_pretrained(draft)
+    capsys.readouterr()
+    store = str(tmp_path / "store")
+    assert main(["mal", "--profile", "smoke", "--store", store, "--draft", str(draft), "--per-category", "1"]) == 2
+    assert "different vocabularies" in capsys.readouterr().err
+    assert not list(Path(store).glob("mal/*/manifest.json"))
