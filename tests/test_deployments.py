@@ -49,6 +49,7 @@ def test_entrypoints_resolve_and_parameters_validate() -> None:
 
 def test_prefect_deploy_all_against_a_real_server(prefect_api, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "home")}
@@ -69,3 +70,16 @@ def test_prefect_deploy_all_against_a_real_server(prefect_api, tmp_path: Path) -
         schedules = client.read_deployment_schedules(weekly.id)
         assert [s.schedule.cron for s in schedules] == ["0 3 * * 1"] and schedules[0].active
         assert "grid" in weekly.parameter_openapi_schema["properties"]
+
+        # The server turns the cron schedule into scheduled runs (the scheduler service's own code path;
+        # it broke silently with SQLAlchemy 2.1, so the weekly sweep never ran).
+        response = client.request(
+            "POST", "/deployments/{id}/schedule", path_params={"id": weekly.id}, json={"max_runs": 3}
+        )
+        assert response.status_code < 300, response.text
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[weekly.id])), limit=10
+        )
+        starts = sorted(r.expected_start_time for r in runs)
+        assert len(runs) == 3 and all(r.state.is_scheduled() for r in runs)
+        assert all(t.weekday() == 0 and (t.hour, t.minute) == (3, 0) for t in starts)  # Mondays 03:00 UTC
