@@ -153,7 +153,8 @@ def _publish_prefect_artifacts(grid: GridConfig, rows: list[dict[str, Any]], ref
         p.stem: "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
         for p in sorted((folder / "plots").glob("*.png"))
     }
-    text = summary_markdown(frame, f"SD² sweep {grid.name}", images) + f"\nArtifacts: `{ref.uri}`\n"
+    files = [f"- `{ref.uri}/{name}`" for name in ("results.parquet", "results.csv", *ref.summary.get("plots", []))]
+    text = summary_markdown(frame, f"SD² sweep {grid.name}", images) + "\n## Files\n\n" + "\n".join(files) + "\n"
     create_markdown_artifact(text, key="sd2-sweep-summary", description=f"SD² sweep {grid.name}")
 
 

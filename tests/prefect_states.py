@@ -62,3 +62,13 @@ def max_overlap(flow_run_id: UUID | str, run_names: set[str]) -> int:
         running += step
         peak = max(peak, running)
     return peak
+
+
+def artifacts_of(flow_run_id: UUID | str) -> dict[str, object]:
+    """{artifact key: data} of the keyed artifacts a flow run created (the newest of each key)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(flow_run_id))])))
+    return {a.key: a.data for a in sorted(found, key=lambda a: a.created) if a.key}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from prefect_states import max_overlap, subflow_task_states, task_states_of
+from prefect_states import artifacts_of, max_overlap, subflow_task_states, task_states_of
 
 from sd2.cli import main
 from sd2_core.config import GridConfig
@@ -128,6 +128,13 @@ def test_variants_dense_layer_and_2_4(prefect_api, tmp_path: Path) -> None:
     assert lost["error"].str.startswith("distillation of target failed").all()
     assert lost["error"].str.contains("no-such-target").all()
     table = everything[everything["target"] == "tiny-random-llama"].set_index(["variant", "stage"])
+
+    artifacts = artifacts_of(state.state_details.flow_run_id)
+    assert artifacts["sd2-sweep-progress"] == 100.0
+    assert len(json.loads(artifacts["sd2-sweep-results"])) == 12
+    summary_md = artifacts["sd2-sweep-summary"]
+    assert "6 cells, 3 completed, 3 failed" in summary_md and summary_md.count("data:image/png;base64,") == 3
+    assert "results.parquet" in summary_md
     assert set(table["status"]) == {"completed"}
     k = 3
     # the dense draft is the target itself: every draft token is accepted
