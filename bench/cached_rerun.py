@@ -24,7 +24,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from sd2.cli import allow_slow_local_prefect_start
+
+    allow_slow_local_prefect_start()
     from flows.sweep import sweep_flow
     from sd2_core.config import GridConfig
 

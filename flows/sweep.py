@@ -46,8 +46,8 @@ def run_cell(config: CellConfig) -> dict[str, Any]:
     return cell_flow(config)
 
 
-def _run_cells(cells: list[CellConfig], concurrency: int, on_done) -> list[tuple[CellConfig, Any, str | None]]:
-    """Submit cells, never more than `concurrency` in flight; return (cell, summary, error) per cell, in order."""
+def _run_cells(cells: list[CellConfig], concurrency: int, on_done) -> list[tuple[Any, str | None]]:
+    """Submit cells, never more than `concurrency` in flight; return (summary, error) per cell, in order."""
     pending = list(enumerate(cells))
     running: dict[PrefectFuture, int] = {}
     outcomes: dict[int, tuple[Any, str | None]] = {}
@@ -64,7 +64,7 @@ def _run_cells(cells: list[CellConfig], concurrency: int, on_done) -> list[tuple
             else:
                 outcomes[index] = (result, None)
             on_done(cells[index], outcomes[index][1])
-    return [(cells[i], *outcomes[i]) for i in range(len(cells))]
+    return [outcomes[i] for i in range(len(cells))]
 
 
 @flow(name="sd2-sweep", task_runner=ThreadPoolTaskRunner(max_workers=MAX_THREADS))
@@ -106,15 +106,14 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
             description=f"sweep {grid.name}: {finished['n']}/{len(cells)} cells done, {finished['failed']} failed",
         )
 
-    runnable = [c for c in cells if c.target not in target_errors]
-    outcomes = _run_cells(runnable, grid.concurrency, on_done)
-    for cell in cells:
-        if cell.target in target_errors:
-            on_done(cell, target_errors[cell.target])
-    by_cell = {id(cell): (result, error) for cell, result, error in outcomes}
+    outcomes = iter(_run_cells([c for c in cells if c.target not in target_errors], grid.concurrency, on_done))
     rows: list[dict[str, Any]] = []
     for cell in cells:  # grid order, whatever order the cells finished in
-        result, error = by_cell.get(id(cell), (None, target_errors.get(cell.target)))
+        if cell.target in target_errors:
+            on_done(cell, target_errors[cell.target])
+            rows += failed_rows(cell, target_errors[cell.target])
+            continue
+        result, error = next(outcomes)
         rows += failed_rows(cell, error) if error else cell_rows(result)
     ref = run_stage(results_task, "results", store=grid.store, name=grid.name, rows=rows)
     _publish_prefect_artifacts(grid, rows, ref)

@@ -170,7 +170,7 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
-    _prefect_local_server()
+    allow_slow_local_prefect_start()
     from flows.cell import cell_flow
     from sd2_core.config import variant_prune
 
@@ -204,7 +204,7 @@ def _parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return overrides
 
 
-def _prefect_local_server() -> None:
+def allow_slow_local_prefect_start() -> None:
     import os
 
     # Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core laptop its
@@ -213,7 +213,7 @@ def _prefect_local_server() -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    _prefect_local_server()
+    allow_slow_local_prefect_start()
     from sd2_core.config import GridConfig
 
     if args.rerun_failed:

@@ -41,10 +41,6 @@ COLUMNS = [
 ]
 
 
-def _nan() -> float:
-    return math.nan
-
-
 def cell_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """The two rows (one-shot, SD²) of a finished cell."""
     cell, timings, artifacts = summary["cell"], summary["timings"], summary["artifacts"]
@@ -73,8 +69,8 @@ def cell_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "lossless_total": lossless["total"],
             "improvement_factor_theoretical": summary["improvement_factor_theoretical"][stage],
             "distill_s": distill_s,
-            "prune_s": _nan() if dense else timings.get("prune"),
-            "finetune_s": timings.get("finetune") if stage == "sd2" else _nan(),
+            "prune_s": math.nan if dense else timings.get("prune"),
+            "finetune_s": timings.get("finetune") if stage == "sd2" else math.nan,
             "mal_s": timings.get("mal_one_shot" if stage == "one_shot" else "mal_sd2"),
             "draft_uri": artifacts["prune" if stage == "one_shot" else "finetune"],
             "mal_uri": artifacts["mal_one_shot" if stage == "one_shot" else "mal_sd2"],

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sd2_core.errors import UserError
-from sd2_core.pruning.model_pruner import as_hidden, decoder_layers, no_layers_error
+from sd2_core.pruning.model_pruner import as_hidden, require_decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,7 @@ def _last_real_token(attention_mask: Tensor) -> Tensor:
 def residual_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """[L+1, N, H]: the residual stream at the input of every block and at the output of the last, on each sequence's
     last non-pad token."""
-    layers = decoder_layers(model)
-    if layers is None:
-        raise no_layers_error(model)
+    layers = require_decoder_layers(model)
     if (attention_mask.sum(dim=1) == 0).any():
         raise UserError("a calibration sequence is all padding; layer pruning needs at least one real token per row")
     states: list[list[Tensor]] = [[] for _ in range(len(layers) + 1)]
@@ -97,9 +95,7 @@ def angular_distances(states: Tensor, n: int) -> Tensor:
 
 def drop_blocks(model: nn.Module, start: int, n: int) -> nn.Module:
     """A fresh model without blocks start .. start+n-1, the rest renumbered (config, cache indices and all)."""
-    layers = decoder_layers(model)
-    if layers is None:
-        raise no_layers_error(model)
+    layers = require_decoder_layers(model)
     num_layers = len(layers)
     if not (0 <= start and n >= 1 and start + n <= num_layers and n < num_layers):
         raise UserError(f"cannot drop blocks {start}..{start + n - 1} of a model with {num_layers} blocks")
@@ -131,9 +127,7 @@ def prune_layers(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, fraction: float
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Drop the contiguous group of `fraction` of the blocks whose removal changes the residual stream least."""
-    layers = decoder_layers(model)
-    if layers is None:
-        raise no_layers_error(model)
+    layers = require_decoder_layers(model)
     n = blocks_to_drop(len(layers), fraction)
     distances = angular_distances(residual_states(model, input_ids, attention_mask), n)
     start = int(torch.argmin(distances))

@@ -47,6 +47,14 @@ def no_layers_error(model: nn.Module) -> UserError:
     )
 
 
+def require_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder blocks, or a clear error for a model that has none."""
+    layers = decoder_layers(model)
+    if layers is None or len(layers) == 0:
+        raise no_layers_error(model)
+    return layers
+
+
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside the decoder blocks, by module name; never embeddings or lm_head.
 
@@ -166,9 +174,7 @@ def prune_model(
     overall decoder-Linear sparsity, seconds.
     """
     spec = parse_sparsity(spec)
-    layers = decoder_layers(model)
-    if layers is None or len(layers) == 0:
-        raise no_layers_error(model)
+    layers = require_decoder_layers(model)
     _check_inputs(input_ids, attention_mask)
     for name, linear in decoder_linears(model).items():  # fail before the expensive part
         check_nm_width(linear.in_features, spec, name)
