@@ -3,7 +3,7 @@
     .venv/bin/python bench/cached_rerun.py --profile smoke --out bench/results/cached_rerun_smoke.json
     .venv/bin/python bench/cached_rerun.py --profile cpu --store /path/to/store --out ...
 
-Without PREFECT_API_URL a temporary local Prefect server is started (its start-up is not timed).
+Without PREFECT_API_URL a temporary local Prefect server runs for both sweeps (its start-up is not timed).
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
 
-    from sd2.cli import allow_slow_local_prefect_start
-
-    allow_slow_local_prefect_start()
     from flows.sweep import sweep_flow
+    from sd2.prefect_server import prefect_api
     from sd2_core.config import GridConfig
 
     fields = {"name": f"bench-{args.profile}", "profile": args.profile, "store": args.store}
@@ -38,13 +36,14 @@ def main() -> None:
     grid = GridConfig(**fields)
 
     timings = []
-    for _ in range(2):
-        start = time.perf_counter()
-        state = sweep_flow(grid=grid, return_state=True)
-        timings.append(round(time.perf_counter() - start, 2))
-        summary = state.result(raise_on_failure=False)
-        if not state.is_completed():
-            raise SystemExit(f"sweep did not complete: {state.message}")
+    with prefect_api():  # one server for both runs; its start-up is not timed
+        for _ in range(2):
+            start = time.perf_counter()
+            state = sweep_flow(grid=grid, return_state=True)
+            timings.append(round(time.perf_counter() - start, 2))
+            summary = state.result(raise_on_failure=False)
+            if not state.is_completed():
+                raise SystemExit(f"sweep did not complete: {state.message}")
     result = {
         "benchmark": "cached_rerun",
         "grid": grid.model_dump(mode="json"),

@@ -7,10 +7,11 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from sd2_core.artifacts import find_artifact
 from sd2_core.config import CellConfig
-from sd2_core.report import cell_summary
-from sd2_core.store import ArtifactRef
-from tasks.stages import (
+from sd2_core.reporting import cell_markdown, cell_summary
+from sd2_core.store import ArtifactRef, Store
+from tasks.stage_tasks import (
     distill_task,
     finetune_task,
     layer_prune_task,
@@ -22,11 +23,16 @@ from tasks.stages import (
 )
 
 
+def model_stage(store: str, ref: str, run_name: str) -> ArtifactRef:
+    """A model reference as an artifact: one of this store's artifacts as it is, anything else materialized."""
+    return find_artifact(Store(store), ref) or run_stage(materialize_task, run_name, store=store, ref=ref)
+
+
 def target_stages(config: CellConfig) -> dict[str, ArtifactRef]:
     """What every cell of one target shares: the target itself, its distilled data and its greedy reference."""
     store = config.store
     refs: dict[str, ArtifactRef] = {}
-    refs["target"] = run_stage(materialize_task, "materialize-target", store=store, ref=config.target)
+    refs["target"] = model_stage(store, config.target, "materialize-target")
     for source in config.sources:
         refs[f"distill/{source.kind}"] = run_stage(
             distill_task,
@@ -60,65 +66,34 @@ def one_shot_stage(config: CellConfig, draft: ArtifactRef) -> ArtifactRef:
     return draft
 
 
+def mal_stage(config: CellConfig, refs: dict[str, ArtifactRef], draft: str, run_name: str) -> ArtifactRef:
+    """MAL of the draft `refs[draft]` against the cell's target, on the target's shared greedy reference."""
+    return run_stage(
+        mal_task,
+        run_name,
+        store=config.store,
+        target=refs["target"],
+        draft=refs[draft],
+        ref=refs["reference"],
+        cfg=config.mal,
+    )
+
+
 @flow(name="sd2-cell", flow_run_name="cell-{config.draft}-{config.variant}")
 def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form's default
     """One draft × variant cell against one target; returns the cell's summary record."""
     store = config.store
     refs = target_stages(config)
     refs["draft"] = (
-        refs["target"]
-        if config.draft == config.target
-        else run_stage(materialize_task, "materialize-draft", store=store, ref=config.draft)
+        refs["target"] if config.draft == config.target else model_stage(store, config.draft, "materialize-draft")
     )
     distilled = [refs[f"distill/{source.kind}"] for source in config.sources]
     refs["prune"] = one_shot_stage(config, refs["draft"])
-    refs["mal_one_shot"] = run_stage(
-        mal_task,
-        "mal-one-shot",
-        store=store,
-        target=refs["target"],
-        draft=refs["prune"],
-        ref=refs["reference"],
-        cfg=config.mal,
-    )
+    refs["mal_one_shot"] = mal_stage(config, refs, "prune", "mal-one-shot")
     refs["finetune"] = run_stage(
         finetune_task, "finetune", store=store, draft=refs["prune"], distilled=distilled, cfg=config.finetune
     )
-    refs["mal_sd2"] = run_stage(
-        mal_task,
-        "mal-sd2",
-        store=store,
-        target=refs["target"],
-        draft=refs["finetune"],
-        ref=refs["reference"],
-        cfg=config.mal,
-    )
+    refs["mal_sd2"] = mal_stage(config, refs, "finetune", "mal-sd2")
     summary = cell_summary(config, refs)
-    create_markdown_artifact(_markdown(summary), key="sd2-cell-summary", description="SD² cell result")
+    create_markdown_artifact(cell_markdown(summary), key="sd2-cell-summary", description="SD² cell result")
     return summary
-
-
-def _markdown(summary: dict[str, Any]) -> str:
-    cell, mal = summary["cell"], summary["mal"]
-    cats = sorted(set(mal["one_shot"]["per_category"]) | set(mal["sd2"]["per_category"]))
-    lines = [
-        f"# SD² cell: {cell['draft']} {cell['variant']} → {cell['target']}",
-        "",
-        "| stage | MAL | " + " | ".join(cats) + " | lossless |",
-        "| --- | --- | " + " | ".join("---" for _ in cats) + " | --- |",
-    ]
-    for stage in ("one_shot", "sd2"):
-        per = mal[stage]["per_category"]
-        ll = summary["lossless"][stage]
-        lines.append(
-            f"| {stage} | {mal[stage]['overall']:.3f} | "
-            + " | ".join(f"{per.get(c, float('nan')):.3f}" for c in cats)
-            + f" | {ll['identical']}/{ll['total']} |"
-        )
-    lines += [
-        "",
-        f"MACs/token draft {summary['macs_per_token']['draft']:,} vs target "
-        f"{summary['macs_per_token']['target']:,} (c = {summary['c']:.3f}); "
-        f"sparsity after fine-tuning {summary['sparsity']['finetuned']:.4f}",
-    ]
-    return "\n".join(lines)

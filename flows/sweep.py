@@ -27,9 +27,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.cell import cell_flow, distill_flow
 from sd2_core.config import CellConfig, GridConfig
-from sd2_core.results import cell_rows, failed_rows, results_frame, summary_markdown
+from sd2_core.reporting import cell_rows, failed_rows, json_rows, results_frame, summary_markdown
 from sd2_core.store import Store
-from tasks.stages import results_task, run_stage
+from tasks.stage_tasks import results_task, run_stage
 
 MAX_THREADS = 64  # the grid's `concurrency` (≤ 64) decides how many cells actually run at once
 
@@ -129,23 +129,17 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
         "results": ref.uri,
         "plots": [f"{ref.uri}/{p}" for p in ref.summary.get("plots", [])],
         "seconds": round(time.time() - started, 1),
-        "rows": _json_rows(rows),
+        "rows": json_rows(rows),
     }
     if failed:
         return Failed(message=f"{len(failed)} of {len(cells)} cells failed", data=summary)
     return summary
 
 
-def _json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The table's rows as plain JSON values (missing figures as null)."""
-    frame = results_frame(rows)
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-
-
 def _publish_prefect_artifacts(grid: GridConfig, rows: list[dict[str, Any]], ref) -> None:
     """The results as a Prefect table artifact and a markdown summary with the plots embedded."""
     frame = results_frame(rows)
-    create_table_artifact(_json_rows(rows), key="sd2-sweep-results", description=f"SD² sweep {grid.name}: {ref.uri}")
+    create_table_artifact(json_rows(rows), key="sd2-sweep-results", description=f"SD² sweep {grid.name}: {ref.uri}")
     store = Store(grid.store)
     folder = store.local_dir(ref)
     images = {

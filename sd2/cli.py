@@ -6,10 +6,14 @@ Logs and progress go to stderr; with --json the one result object is the only th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,11 @@ def _store(args: argparse.Namespace, base) -> Any:
     return Store(args.store or base.store)
 
 
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named command-line options, by the config field they set (same name)."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _update(model, **changes: Any):
     """A validated copy of a pydantic config with the given fields changed (None = keep)."""
     changes = {k: v for k, v in changes.items() if v is not None}
@@ -58,26 +67,28 @@ def _update(model, **changes: Any):
 
 
 def cmd_models_materialize(args: argparse.Namespace) -> dict[str, Any]:
-    import shutil
 
-    from sd2_core.models import builtin_dir, is_builtin, resolve_local_or_hub
-    from sd2_core.stages import MODEL_FILES
+    from sd2_core.models import copy_model_files, model_source
 
-    src = builtin_dir(args.ref) if is_builtin(args.ref) else resolve_local_or_hub(args.ref)
+    src = model_source(args.ref)
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; pass an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for p in sorted(src.iterdir()):
-        if p.is_file() and p.name in MODEL_FILES:
-            shutil.copy2(p, out / p.name)
-            written.append(p.name)
-    return {"ref": args.ref, "out": str(out.resolve()), "files": written}
+    return {"ref": args.ref, "out": str(out.resolve()), "files": copy_model_files(src, out)}
+
+
+def _model(store, ref: str):
+    """A model reference as an artifact of the store (materialized when it is not one already)."""
+    from sd2_core.artifacts import find_artifact, produce
+    from sd2_core.models import model_recipe
+
+    return find_artifact(store, ref) or produce(store, model_recipe(store, ref))
 
 
 def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
-    from sd2_core import stages
+    from sd2_core.artifacts import produce
+    from sd2_core.distill import distill_recipe
 
     base = _base_config(args)
     store = _store(args, base)
@@ -86,27 +97,22 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--kind {args.kind!r} is not a source of profile {args.profile}")
     source = _update(source, uri=args.source, limit=args.limit)
     cfg = _update(
-        base.distill,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        backend=args.backend,
+        base.distill, **_given(args, "max_new_tokens", "temperature", "top_p", "seed", "batch_size", "backend")
     )
-    target = stages.materialize_model(store, args.target or base.target)
-    return stages.distill(store, target, source, cfg, progress=_progress).to_dict()
+    target = _model(store, args.target or base.target)
+    return produce(store, distill_recipe(store, target, source, cfg), _progress).to_dict()
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    from sd2_core import stages
+    from sd2_core.artifacts import produce
+    from sd2_core.pruning.oneshot import prune_recipe
 
     base = _base_config(args)
     store = _store(args, base)
     calibration = _update(base.prune.calibration, uri=args.calibration, n_samples=args.n_samples, seq_len=args.seq_len)
     cfg = _update(base.prune, sparsity=args.sparsity, calibration=calibration.model_dump())
-    draft = stages.materialize_model(store, args.draft or base.draft)
-    return stages.prune(store, draft, cfg, progress=_progress).to_dict()
+    draft = _model(store, args.draft or base.draft)
+    return produce(store, prune_recipe(store, draft, cfg), _progress).to_dict()
 
 
 def _parse_mix(text: str | None) -> dict[str, float] | None:
@@ -123,34 +129,21 @@ def _parse_mix(text: str | None) -> dict[str, float] | None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from sd2_core import stages
+    from sd2_core.artifacts import produce, require_artifact
+    from sd2_core.finetune import finetune_recipe
 
     base = _base_config(args)
     store = _store(args, base)
-    cfg = _update(
-        base.finetune,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        max_seq_len=args.max_seq_len,
-        mix=_parse_mix(args.mix),
-        seed=args.seed,
-    )
-    draft = stages.materialize_model(store, args.draft)
-    distilled = []
-    for ref in args.distilled:
-        found = stages._store_ref_of(store, ref)
-        if found is None or found.stage != "distill":
-            raise UserError(
-                f"--distilled {ref!r} is not a complete distill artifact of store {store.uri} "
-                "(pass what `sd2 distill --json` printed as key, as distill/<key>)"
-            )
-        distilled.append(found)
-    return stages.finetune(store, draft, distilled, cfg, progress=_progress).to_dict()
+    given = _given(args, "steps", "batch_size", "max_seq_len", "seed")
+    cfg = _update(base.finetune, **given, learning_rate=args.lr, mix=_parse_mix(args.mix))
+    draft = _model(store, args.draft)
+    distilled = [require_artifact(store, ref, "distill", "--distilled") for ref in args.distilled]
+    return produce(store, finetune_recipe(store, draft, distilled, cfg), _progress).to_dict()
 
 
 def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
-    from sd2_core import stages
+    from sd2_core.artifacts import produce
+    from sd2_core.mal import mal_recipe, reference_recipe
 
     base = _base_config(args)
     store = _store(args, base)
@@ -159,10 +152,10 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
         # a user's own prompts file is measured whole unless --per-category says otherwise
         cfg = cfg.model_copy(update={"per_category": args.per_category})
         cfg = type(cfg).model_validate(cfg.model_dump())
-    target = stages.materialize_model(store, args.target or base.target)
-    draft = stages.materialize_model(store, args.draft or base.draft)
-    ref = stages.reference(store, target, cfg, progress=_progress)
-    result = stages.mal(store, target, draft, ref, cfg, progress=_progress)
+    target = _model(store, args.target or base.target)
+    draft = _model(store, args.draft or base.draft)
+    ref = produce(store, reference_recipe(store, target, cfg), _progress)
+    result = produce(store, mal_recipe(store, target, draft, ref, cfg), _progress)
     return {
         **result.summary,
         "artifacts": {"mal": result.uri, "reference": ref.uri, "target": target.uri, "draft": draft.uri},
@@ -170,8 +163,8 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
-    allow_slow_local_prefect_start()
     from flows.cell import cell_flow
+    from sd2.prefect_server import prefect_api
     from sd2_core.config import variant_prune
 
     base = _base_config(args)
@@ -179,8 +172,9 @@ def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("give --variant or --sparsity, not both (--sparsity S is the variant sgpt-S)")
     prune = variant_prune(args.variant, base.prune) if args.variant else _update(base.prune, sparsity=args.sparsity)
     cfg = _update(base, target=args.target, draft=args.draft, store=args.store, prune=prune.model_dump())
-    start = time.time()
-    summary = cell_flow(config=cfg)
+    with prefect_api():
+        start = time.time()
+        summary = cell_flow(config=cfg)
     summary["wall_seconds"] = round(time.time() - start, 2)
     return summary
 
@@ -204,31 +198,25 @@ def _parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return overrides
 
 
-def allow_slow_local_prefect_start() -> None:
-    import os
-
-    # Without PREFECT_API_URL, Prefect starts a temporary local server; on a busy 2-core laptop its
-    # default 20 s start-up limit is too short.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-
-
-def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    allow_slow_local_prefect_start()
+def _grid(args: argparse.Namespace):
+    """The sweep's grid: an earlier run's, a config file's or the default, with the command line's changes, validated
+    once (so that `--profile smoke` alone also means the smoke profile's models)."""
     from sd2_core.config import GridConfig
 
+    raw: dict[str, Any] = {}
     if args.rerun_failed:
         from flows.sweep import grid_of_run
 
-        grid = grid_of_run(args.rerun_failed)
-        log.info("rerunning sweep %r of run %s: finished cells are cache hits", grid.name, args.rerun_failed)
+        raw = grid_of_run(args.rerun_failed).model_dump(mode="json")
+        log.info("rerunning sweep %r of run %s: finished cells are cache hits", raw["name"], args.rerun_failed)
     elif args.config:
         try:
-            grid = GridConfig.model_validate_json(Path(args.config).read_text())
+            raw = json.loads(Path(args.config).read_text())
         except FileNotFoundError:
             raise UserError(f"config file {args.config!r} does not exist") from None
-    else:
-        grid = GridConfig()
-    changes: dict[str, Any] = {
+        except json.JSONDecodeError as exc:
+            raise UserError(f"config file {args.config!r} is not JSON: {exc}") from None
+    changes = {
         "name": args.name,
         "profile": args.profile,
         "targets": args.targets,
@@ -237,13 +225,24 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "store": args.store,
         "concurrency": args.concurrency,
     }
+    raw = {**raw, **{k: v for k, v in changes.items() if v is not None}}
     if args.set:
-        changes["overrides"] = {**grid.overrides, **_parse_sets(args.set)}
-    grid = _update(grid, **changes)
-    from flows.sweep import sweep_flow
+        raw["overrides"] = {**raw.get("overrides", {}), **_parse_sets(args.set)}
+    return GridConfig.model_validate(raw)
 
-    state = sweep_flow(grid=grid, return_state=True)
-    result = state.result(raise_on_failure=False)
+
+def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2.prefect_server import prefect_api
+
+    # --rerun-failed reads the earlier run's grid from the API: one server for that and the sweep (the inner
+    # prefect_api() then reuses it); otherwise a bad grid is refused before any server starts
+    with prefect_api() if args.rerun_failed else contextlib.nullcontext():
+        grid = _grid(args)
+        from flows.sweep import sweep_flow
+
+        with prefect_api():
+            state = sweep_flow(grid=grid, return_state=True)
+            result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result
     result["state"] = state.type.value
@@ -253,8 +252,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_artifacts_ls(args: argparse.Namespace) -> dict[str, Any]:
-    from sd2_core.catalog import human_size, list_artifacts
     from sd2_core.store import Store
+    from sd2_core.store_listing import human_size, list_artifacts
 
     store = Store(args.store)
     rows = list_artifacts(store, args.stage)
@@ -266,8 +265,8 @@ def cmd_artifacts_ls(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_artifacts_show(args: argparse.Namespace) -> dict[str, Any]:
-    from sd2_core.catalog import find_manifest
     from sd2_core.store import Store
+    from sd2_core.store_listing import find_manifest
 
     store = Store(args.store)
     manifest = find_manifest(store, args.key)
@@ -280,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def output(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-        p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        p.add_argument("-v", "--verbose", action="store_true", help="sd2 at DEBUG, other libraries at INFO")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help="default settings")
@@ -380,20 +379,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class Terminated(SystemExit):
+    """SIGTERM arrived: raised in the main thread so `finally` blocks run and started servers stop in order."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise Terminated(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+OWN_LOGGERS = ("sd2", "sd2_core", "flows", "tasks")
+
+
+def configure_logging(verbose: bool) -> None:
+    """sd2's own progress at INFO (DEBUG with -v); other libraries' loggers (httpx's request lines, ...) only at
+    WARNING unless -v, so a Prefect server's traffic does not bury sd2's lines. Prefect's run logs keep their
+    own handler and level (PREFECT_LOGGING_LEVEL)."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     from pydantic import ValidationError
 
+    from sd2_core.processes import stop_signal_deadline
+
     try:
-        result = args.fn(args)
+        with stop_signal_deadline() as stop, _sigterm_raises():
+            result = args.fn(args)
     except (UserError, ValidationError) as exc:
         sys.stderr.write(f"sd2: error: {exc}\n")
         return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("sd2: interrupted\n")
+        return 130
+    except Terminated as exc:
+        sys.stderr.write("sd2: terminated\n")
+        return exc.code
+    if stop.received is not None:  # a library's handler took the signal and carried on: it is still a stop
+        sys.stderr.write(f"sd2: {'interrupted' if stop.received == signal.SIGINT else 'terminated'}\n")
+        return 128 + stop.received
     if not getattr(args, "quiet", False):
         _emit(args, result)
     return getattr(args, "exit_code", 0)

@@ -1,7 +1,9 @@
 """Typed configuration for every stage and for a cell.
 
 The same objects are the Prefect flow parameters (the UI renders them as a form) and the input
-of each stage's cache key, so every field that changes a result lives here and nowhere else.
+of each stage's cache key, so every field that changes a result lives here and nowhere else. That is
+why this module is longer than the others: it is the one schema of everything a user can set, with the
+named profiles beside it.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class FinetuneConfig(_Frozen):
     batch_size: int = Field(4, ge=1, description="sequences per step")
     max_seq_len: int = Field(384, ge=16, description="tokens per training sequence (longer ones are cut)")
     learning_rate: float | None = Field(
-        None, gt=0.0, description="None = paper's Appendix A value for model size and sparsity"
+        None, gt=0.0, description="None = the project's default for the draft's size and sparsity (learning_rates.py)"
     )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up fraction of the steps")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -201,12 +203,18 @@ class CellConfig(_Frozen):
         return sources
 
 
+# The model a profile's cells use when a grid names none (the paper profile's targets must be named in practice:
+# its default stays the embedded model so that the form always validates).
+PROFILE_MODELS = {"smoke": "tiny-random-llama", "cpu": "smollm2-135m-instruct", "paper": "smollm2-135m-instruct"}
+PROFILE_MODELS_HELP = ", ".join(f"{k}: {v}" for k, v in PROFILE_MODELS.items())
+
+
 def profile(name: str, **overrides: object) -> CellConfig:
     """The named profile's cell config, with top-level fields overridden."""
     if name == "smoke":
         base = CellConfig(
-            target="tiny-random-llama",
-            draft="tiny-random-llama",
+            target=PROFILE_MODELS["smoke"],
+            draft=PROFILE_MODELS["smoke"],
             profile="smoke",
             sources=(
                 SourceSpec(kind="general", limit=4),
@@ -258,14 +266,14 @@ class GridConfig(_Frozen):
 
     name: str = Field("default", min_length=1, description="label of this sweep (run names, results artifact)")
     targets: list[str] = Field(
-        default_factory=lambda: ["smollm2-135m-instruct"],
-        min_length=1,
-        description="target models: built-in names, local HF folders or hub ids",
+        default_factory=list,
+        description="target models: built-in names, local HF folders or hub ids; empty = the profile's model "
+        f"({PROFILE_MODELS_HELP})",
     )
     drafts: list[str] = Field(
-        default_factory=lambda: ["smollm2-135m-instruct"],
-        min_length=1,
-        description="draft base models (pruned and fine-tuned per variant): built-in names, local folders or hub ids",
+        default_factory=list,
+        description="draft base models (pruned and fine-tuned per variant): built-in names, local folders or hub "
+        f"ids; empty = the profile's model ({PROFILE_MODELS_HELP})",
     )
     variants: list[str] = Field(
         default_factory=lambda: ["layer-50", "sgpt-50", "sgpt-2:4", "sgpt-75"],
@@ -281,6 +289,17 @@ class GridConfig(_Frozen):
         '{"finetune": {"steps": 100}, "mal": {"per_category": 5}}',
     )
     concurrency: int = Field(1, ge=1, le=64, description="cells run at the same time (each a subflow)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_models(cls, data: Any) -> Any:
+        """Targets or drafts left empty are the profile's model: a smoke grid is tiny unless models are named."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("profile") or "cpu"
+        if name not in PROFILE_MODELS:
+            return data  # the field validator names the valid profiles
+        return {**data, **{f: [PROFILE_MODELS[name]] for f in ("targets", "drafts") if not data.get(f)}}
 
     @field_validator("overrides")
     @classmethod

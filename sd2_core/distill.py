@@ -4,23 +4,24 @@ As in self-distillation fine-tuning (SDFT), the target sees the instruction toge
 reference answer and is asked for its own answer; the training row keeps only the plain instruction and
 that answer, so the draft learns the target's distribution rather than the dataset author's. Answers
 that talk about the prompt itself ("the reference answer says...") or come out empty are replaced by
-the original reference, as SDFT does.
+the original reference, as SDFT does. `distill_recipe` is the `distill` stage.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from sd2_core.config import DistillConfig
+from sd2_core.artifacts import Progress, Recipe, data_identity, write_json
+from sd2_core.config import DistillConfig, SourceSpec
 from sd2_core.errors import UserError
 from sd2_core.generation import Generator
+from sd2_core.store import ArtifactRef, Store
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int, str], None]
 
 # The reference comes first and the request last: small targets then answer the request itself instead of
 # commenting on the prompt (with SmolLM2-135M an instruction-first layout drew "What's your request?" replies).
@@ -137,3 +138,31 @@ def distill_rows(
         total, stats["distilled"], stats["fallbacks"], stats["empty"], stats["generated_tokens"], seconds,
     )  # fmt: skip
     return out, stats
+
+
+def distill_recipe(store: Store, target: ArtifactRef, source: SourceSpec, cfg: DistillConfig) -> Recipe:
+    """The `distill` stage: the target answers one source's instructions in its own words."""
+    from sd2_core.data.sources import load_source
+    from sd2_core.generation import make_generator
+    from sd2_core.models import load_artifact
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        rows = load_source(source)
+        if cfg.backend == "vllm":  # vLLM loads the weights itself: no second copy in this process
+            generator = make_generator("vllm", model_path=store.local_dir(target))
+        else:
+            model, tokenizer = load_artifact(store, target)
+            generator = make_generator(cfg.backend, model=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        distilled, stats = distill_rows(generator, rows, cfg, progress=progress)
+        with open(out / "data.jsonl", "w") as fh:
+            for row in distilled:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_json(out / "stats.json", stats)
+        return {"kind": source.kind, **stats}
+
+    config = {
+        "source": source.model_dump(mode="json"),
+        "distill": cfg.model_dump(mode="json"),
+        **data_identity(source.uri),
+    }
+    return Recipe("distill", config, (target,), build, code=__name__)

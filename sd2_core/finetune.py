@@ -10,8 +10,8 @@ Masks are keyed by *module* name ("model.layers.0.self_attn.q_proj" -> bool tens
 weight, True = keep), the same keying as ``sd2_core.pruning.model_pruner.nonzero_masks``; the
 parameter name ("model.layers.0.self_attn.q_proj.weight") is accepted too.
 
-Loss is on the last assistant turn only: the chat template renders the conversation without that
-turn plus the generation prompt (the prefix), and the tokens after the prefix are the response.
+Loss is on the last assistant turn only (``sd2_core.chat.tokenize_chat_example``). `finetune_recipe` is
+the `finetune` stage.
 """
 
 from __future__ import annotations
@@ -21,122 +21,26 @@ import math
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from sd2_core.artifacts import Progress, Recipe, write_json
+from sd2_core.chat import IGNORE_INDEX, tokenize_chat_example
 from sd2_core.config import FinetuneConfig
 from sd2_core.errors import UserError
-from sd2_core.learning_rates import paper_learning_rate
-from sd2_core.models import count_parameters
-from sd2_core.pruning.model_pruner import nonzero_masks
+from sd2_core.learning_rates import default_learning_rate
+from sd2_core.models import count_parameters, load_artifact, save_model
+from sd2_core.pruning.structure import measure_sparsity, nonzero_masks, params_summary
+from sd2_core.store import ArtifactRef, Store
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 MAX_GRAD_NORM = 1.0  # gradient clipping, as in common SFT recipes (HF Trainer's default)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-
-Progress = Callable[[int, int, str], None]
-
-
-# ---------------------------------------------------------------- tokenization
-
-
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except ValueError as exc:  # transformers raises ValueError when the tokenizer has no chat template
-        raise UserError(f"the tokenizer cannot render a chat ({exc}); use a tokenizer with a chat template") from None
-
-
-def _check_messages(messages: object) -> list[dict]:
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise UserError(f"messages must be a list of at least a user and an assistant turn, got {messages!r:.200}")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise UserError(f"each message needs string 'role' and 'content', got {m!r:.200}")
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f"the last message must be the assistant's response, got role {messages[-1]['role']!r}")
-    return messages
-
-
-def tokenize_chat_example(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]]:
-    """input_ids and labels of one chat, labels -100 everywhere but the final assistant response.
-
-    Both are cut to ``max_seq_len``; when the cut removes the whole response every label is -100
-    (the caller skips such rows).
-    """
-    if max_seq_len < 1:
-        raise UserError(f"max_seq_len must be at least 1, got {max_seq_len}")
-    messages = _check_messages(messages)
-    prefix_text = _render(tokenizer, messages[:-1], add_generation_prompt=True)
-    full_text = _render(tokenizer, messages, add_generation_prompt=False)
-    # The rendered chat already carries the template's special tokens (BOS, turn markers).
-    prefix_ids = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    if full_ids[: len(prefix_ids)] != prefix_ids:
-        pairs = zip(prefix_ids, full_ids, strict=False)
-        at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(prefix_ids), len(full_ids)))
-        raise UserError(
-            "the chat template's prompt with generation prompt does not tokenize to a prefix of the full chat "
-            f"(first difference at token {at}: prefix {prefix_ids[at : at + 5]} vs full {full_ids[at : at + 5]}); "
-            "the response cannot be located, use a tokenizer whose template renders the prompt as a prefix"
-        )
-    if len(full_ids) == len(prefix_ids):
-        raise UserError(f"the assistant response renders to no tokens: {messages[-1]['content']!r:.200}")
-    labels = [IGNORE_INDEX] * len(prefix_ids) + full_ids[len(prefix_ids) :]
-    return full_ids[:max_seq_len], labels[:max_seq_len]
-
-
-# ---------------------------------------------------------------- data mixing
-
-
-def mix_examples(sources: dict[str, list[dict]], weights: dict[str, float], total: int, seed: int) -> list[dict]:
-    """``total`` rows drawn from the sources in proportion to ``weights`` (deterministic by seed).
-
-    Each source's share is rounded by largest remainder so the counts add up to ``total``. A source
-    asked for more rows than it holds is cycled through fresh shuffles (every row used evenly), i.e.
-    sampled with replacement; otherwise rows are drawn without replacement. Sources without a
-    weight are not used.
-    """
-    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise UserError(f"total must be a positive integer, got {total!r}")
-    bad = {k: w for k, w in weights.items() if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0}
-    if bad:
-        raise UserError(f"mix weights must be finite and non-negative, got {bad}")
-    missing = sorted(k for k, w in weights.items() if w > 0 and k not in sources)
-    if missing:
-        raise UserError(f"mix weights name sources that are missing: {missing}; available sources: {sorted(sources)}")
-    empty = sorted(k for k, w in weights.items() if w > 0 and not sources[k])
-    if empty:
-        raise UserError(f"mix weights ask for rows from empty sources: {empty}")
-    used = sorted(k for k, w in weights.items() if w > 0)
-    if not used:
-        raise UserError(f"mix weights are all zero: {weights}; give at least one source a positive weight")
-    unweighted = sorted(set(sources) - set(weights))
-    if unweighted:
-        log.info("sources without a mix weight are not used: %s", unweighted)
-
-    norm = sum(weights[k] for k in used)
-    exact = {k: total * weights[k] / norm for k in used}
-    counts = {k: math.floor(v) for k, v in exact.items()}
-    for k in sorted(used, key=lambda k: (-(exact[k] - counts[k]), k))[: total - sum(counts.values())]:
-        counts[k] += 1
-
-    rng = random.Random(seed)
-    out: list[dict] = []
-    for name in used:
-        rows = sources[name]
-        picked: list[dict] = []
-        while len(picked) < counts[name]:
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            picked.extend(rows[i] for i in order[: counts[name] - len(picked)])
-        out.extend(picked)
-    rng.shuffle(out)
-    return out
 
 
 # ---------------------------------------------------------------- masks
@@ -214,7 +118,7 @@ def finetune_sparse(
 
     ``masks`` (module name -> bool keep-mask) default to the current non-zeros of the decoder
     Linear weights. The learning rate is ``cfg.learning_rate``, else the size/sparsity default of
-    ``paper_learning_rate`` (``num_params_for_lr`` defaults to the model's parameter count).
+    ``default_learning_rate`` (``num_params_for_lr`` defaults to the model's parameter count).
     Returns per-step losses and throughput; the model is left in eval mode.
     """
     rows: list[tuple[list[int], list[int]]] = []
@@ -247,7 +151,7 @@ def finetune_sparse(
     if cfg.learning_rate is not None:
         lr = cfg.learning_rate
     else:
-        lr = paper_learning_rate(num_params_for_lr or count_parameters(model), sparsity_for_lr)
+        lr = default_learning_rate(num_params_for_lr or count_parameters(model), sparsity_for_lr)
         log.info("learning rate %.3g from the size/sparsity table (sparsity %.3f)", lr, sparsity_for_lr)
 
     fixed = _resolve_masks(model, nonzero_masks(model) if masks is None else masks)
@@ -311,3 +215,40 @@ def finetune_sparse(
         "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
     }
+
+
+def finetune_recipe(store: Store, draft: ArtifactRef, distilled: list[ArtifactRef], cfg: FinetuneConfig) -> Recipe:
+    """The `finetune` stage: the pruned draft fine-tuned on the distilled mix, pruned weights held at zero."""
+    from sd2_core.data.mixing import mix_examples
+    from sd2_core.data.sources import read_records
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        sources: dict[str, list[dict[str, Any]]] = {}
+        for ref in distilled:
+            kind = ref.summary.get("kind") or store.manifest(ref.stage, ref.key)["config"]["source"]["kind"]
+            sources[kind] = read_records(store.local_dir(ref) / "data.jsonl")
+        weights = {k: w for k, w in cfg.mix.items() if k in sources or w > 0}
+        examples = mix_examples(sources, weights, cfg.steps * cfg.batch_size, cfg.seed)
+        model, tokenizer = load_artifact(store, draft)
+        before = measure_sparsity(model)
+        result = finetune_sparse(
+            model,
+            tokenizer,
+            examples,
+            cfg,
+            num_params_for_lr=before["total_params"],
+            sparsity_for_lr=before["overall"],
+            progress=progress,
+        )
+        save_model(model, tokenizer, out)
+        write_json(out / "losses.json", result)
+        return {
+            **params_summary(measure_sparsity(model)),
+            "lr": result["lr"],
+            "steps": result["steps"],
+            "loss_first": result["losses"][0],
+            "loss_last": result["losses"][-1],
+            "tokens_per_second": result["tokens_per_second"],
+        }
+
+    return Recipe("finetune", cfg.model_dump(mode="json"), (draft, *distilled), build, code=__name__)

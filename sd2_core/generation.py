@@ -14,11 +14,10 @@ from typing import Any, Protocol
 
 import torch
 
+from sd2_core.chat import Messages, chat_input_ids, eos_ids
 from sd2_core.errors import UserError
 
 log = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -46,26 +45,6 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> No
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _eos_ids(tokenizer, generation_config: Any = None) -> list[int]:
-    """Every token that ends a turn: the generation config's EOS ids (chat models often list several) and the
-    tokenizer's EOS."""
-    ids: list[int] = []
-    configured = getattr(generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids.extend(configured if isinstance(configured, (list, tuple)) else [configured])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise UserError("the tokenizer and model define no EOS token; generation could never stop early")
-    return list(dict.fromkeys(int(i) for i in ids))
-
-
-def _chat_ids(tokenizer, messages: Messages) -> list[int]:
-    """Token ids of a conversation plus the assistant's header (the template supplies BOS where it wants one)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 class TransformersGenerator:
     """Generation with `model.generate`, `batch_size` prompts at a time, left-padded.
 
@@ -81,12 +60,12 @@ class TransformersGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.eos_ids = _eos_ids(tokenizer, getattr(model, "generation_config", None))
+        self.eos_ids = eos_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
 
     def _left_padded(self, batch: list[Messages]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [_chat_ids(self.tokenizer, messages) for messages in batch]
+        rows = [chat_input_ids(self.tokenizer, messages) for messages in batch]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -157,14 +136,14 @@ class VllmGenerator:
         self.tokenizer = self.llm.get_tokenizer()
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"the tokenizer of {model_path} has no chat template; generation needs one")
-        self.eos_ids = set(_eos_ids(self.tokenizer, getattr(self.llm.llm_engine, "generation_config", None)))
+        self.eos_ids = set(eos_ids(self.tokenizer, getattr(self.llm.llm_engine, "generation_config", None)))
 
     def generate(
         self, prompts: list[Messages], max_new_tokens: int, temperature: float, top_p: float, seed: int
     ) -> list[GenerationOutput]:
         _check_sampling(max_new_tokens, temperature, top_p)
         # Token ids, not text: vLLM would add a second BOS when tokenizing an already templated prompt.
-        inputs = [{"prompt_token_ids": _chat_ids(self.tokenizer, messages)} for messages in prompts]
+        inputs = [{"prompt_token_ids": chat_input_ids(self.tokenizer, messages)} for messages in prompts]
         params = [
             self._vllm.SamplingParams(
                 temperature=temperature,

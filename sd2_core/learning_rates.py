@@ -1,4 +1,4 @@
-"""Default fine-tuning learning rate by draft size and sparsity.
+"""Default fine-tuning learning rate by draft size and sparsity: the project's defaults, not the paper's.
 
 WHY: the paper tunes the learning rate per draft model and sparsity (Appendix A of "SD²:
 Self-Distilled Sparse Drafters", Lasby et al., 2025, arXiv 2504.08838), so a cell that leaves
@@ -36,7 +36,7 @@ _TABLE: tuple[tuple[int, tuple[float, ...]], ...] = (
 TABLE_SOURCE = "project defaults (the SD² Appendix A table was not available); see sd2_core/learning_rates.py"
 
 
-def paper_learning_rate(num_params: int, sparsity: float) -> float:
+def default_learning_rate(num_params: int, sparsity: float) -> float:
     """Learning rate for a draft of ``num_params`` parameters pruned to ``sparsity`` (0 = dense)."""
     if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params <= 0:
         raise UserError(f"num_params must be a positive integer, got {num_params!r}")

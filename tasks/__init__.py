@@ -1,1 +1,1 @@
-"""Thin Prefect task wrappers around the sd2_core stages."""
+"""Thin Prefect task wrappers around the sd2_core stage recipes."""

@@ -9,17 +9,20 @@ import pytest
 from s3server import s3_server
 
 from sd2.cli import main
-from sd2_core import stages
+from sd2_core.artifacts import produce
 from sd2_core.config import CalibrationConfig, PruneConfig
+from sd2_core.models import model_recipe
+from sd2_core.pruning.oneshot import layer_prune_recipe, prune_recipe
 from sd2_core.store import Store
 
 
 def _fill(store_uri: str) -> dict[str, str]:
     store = Store(store_uri)
-    model = stages.materialize_model(store, "tiny-random-llama")
+    model = produce(store, model_recipe(store, "tiny-random-llama"))
     calibration = CalibrationConfig(n_samples=2, seq_len=16)
-    pruned = stages.prune(store, model, PruneConfig(sparsity="2:4", calibration=calibration))
-    layered = stages.layer_prune(store, model, PruneConfig(method="layer", sparsity="0.5", calibration=calibration))
+    pruned = produce(store, prune_recipe(store, model, PruneConfig(sparsity="2:4", calibration=calibration)))
+    layer = PruneConfig(method="layer", sparsity="0.5", calibration=calibration)
+    layered = produce(store, layer_prune_recipe(store, model, layer))
     return {"model": model.key, "prune": pruned.key, "layerprune": layered.key}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prefect_states import SMOKE_CELL_TASKS as STAGES
 from prefect_states import task_states
 from s3server import s3_server
 
@@ -18,29 +19,18 @@ def _run_twice(store: str) -> tuple[dict, dict[str, str], dict[str, str]]:
     first = cell_flow(config=config, return_state=True)
     assert first.is_completed(), first.message
     summary = first.result()
-    first_states = task_states(first)
+    first_states = task_states(first, STAGES)
     second = cell_flow(config=config, return_state=True)
     assert second.is_completed(), second.message
     assert second.result() == summary
-    return summary, first_states, task_states(second)
+    return summary, first_states, task_states(second, STAGES)
 
 
 def _check(summary: dict, first: dict[str, str], second: dict[str, str]) -> None:
-    stages = {
-        "materialize-target",
-        "distill-general",
-        "distill-translation",
-        "distill-math",
-        "prune-0.5",
-        "target-greedy-reference",
-        "mal-one-shot",
-        "finetune",
-        "mal-sd2",
-    }
-    assert set(first) == stages
+    assert set(first) == STAGES
     assert all(state == "Completed" for state in first.values()), first
     # the rerun executes no stage: every task is a cache hit
-    assert second == {name: "Cached" for name in stages}
+    assert second == {name: "Cached" for name in STAGES}
 
     k = summary["k"]
     for stage in ("one_shot", "sd2"):

@@ -10,11 +10,14 @@ from sd2_core.errors import UserError
 
 
 def test_profiles() -> None:
-    smoke, cpu, paper = profile("smoke"), profile("cpu"), profile("paper")
-    assert smoke.target == "tiny-random-llama" and cpu.target == "smollm2-135m-instruct"
-    assert paper.prune.calibration.n_samples == 128 and paper.prune.calibration.seq_len == 2048
-    assert paper.finetune.steps == 16_000 and paper.finetune.batch_size == 8 and paper.mal.per_category is None
-    assert profile("cpu", store="s3://b/p").store == "s3://b/p"
+    """Each name gives its own settings under its own label; an override changes the field it names and no other."""
+    profiles = {name: profile(name) for name in ("smoke", "cpu", "paper")}
+    assert all(cell.profile == name for name, cell in profiles.items())
+    # the settings differ, not only the labels (the label is part of the digest)
+    assert len({cell.model_copy(update={"profile": "cpu"}).digest() for cell in profiles.values()}) == 3
+    moved = profile("cpu", store="s3://b/p")
+    assert moved.store == "s3://b/p"
+    assert moved.model_copy(update={"store": profiles["cpu"].store}) == profiles["cpu"]
     with pytest.raises(UserError, match="'gpu'.*smoke, cpu, paper"):
         profile("gpu")
     with pytest.raises(pydantic.ValidationError):

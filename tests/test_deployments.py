@@ -34,7 +34,7 @@ def test_entrypoints_resolve_and_parameters_validate() -> None:
             grid = GridConfig.model_validate(grid)
             # the deployments run the embedded default grid (only the label may differ)
             assert grid.model_dump(exclude={"name"}) == GridConfig().model_dump(exclude={"name"})
-            assert len(grid.cells()) == 4
+            assert len(grid.cells()) == len(grid.targets) * len(grid.drafts) * len(grid.variants)
         else:
             assert CellConfig.model_validate(validated.get("config", {})) == CellConfig()
         for schedule in deployment.get("schedules", []):

@@ -6,7 +6,6 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2_core.config import DistillConfig, SourceSpec
 from sd2_core.data.sources import load_source
@@ -28,21 +27,13 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(smollm2_tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+def tiny_model(tiny_llama, smollm2_tokenizer):
+    """The shared tiny Llama with the tokenizer's special ids, so ``generate`` stops at the real EOS."""
+    return tiny_llama(
         bos_token_id=smollm2_tokenizer.bos_token_id,
         eos_token_id=smollm2_tokenizer.eos_token_id,
         pad_token_id=smollm2_tokenizer.pad_token_id,
-        tie_word_embeddings=False,  # tied random embeddings make greedy decoding echo the last prompt token
     )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +128,7 @@ def test_leaks_prompt():
     # a marker the instruction itself uses is not a leak
     assert leaks_prompt("Here is a rewrite: The cat sat.")
     assert not leaks_prompt("Here is a rewrite: The cat sat.", instruction="Rewrite this sentence: cat sat.")
-    assert all(marker == marker.lower() for marker in LEAK_MARKERS)
+    assert all(leaks_prompt(f"Sure. {marker.upper()}: done.") for marker in LEAK_MARKERS)  # in any case
 
 
 # ---------------------------------------------------------------- distill_rows

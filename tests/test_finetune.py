@@ -11,18 +11,14 @@ import collections
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from sd2_core.chat import IGNORE_INDEX, tokenize_chat_example
 from sd2_core.config import FinetuneConfig
+from sd2_core.data.mixing import mix_examples
 from sd2_core.errors import UserError
-from sd2_core.finetune import (
-    IGNORE_INDEX,
-    finetune_sparse,
-    mix_examples,
-    tokenize_chat_example,
-    warmup_linear_decay,
-)
-from sd2_core.learning_rates import SPARSITY_COLUMNS, paper_learning_rate
+from sd2_core.finetune import finetune_sparse, warmup_linear_decay
+from sd2_core.learning_rates import SPARSITY_COLUMNS, default_learning_rate
 
 CORPUS = [
     "user assistant : what is two plus two ? it is four .",
@@ -77,20 +73,13 @@ def _smollm2_or_word(request):
         return word_tokenizer()
 
 
-def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+@pytest.fixture
+def new_model(tiny_llama, chat_tokenizer):
+    """``new_model()``: a fresh tiny Llama for ``chat_tokenizer`` (its vocabulary and pad id), with tied
+    embeddings as SmolLM2 has, so fine-tuning meets a shared embedding/lm_head weight."""
+    return lambda: tiny_llama(
+        vocab_size=len(chat_tokenizer), pad_token_id=chat_tokenizer.pad_token_id, tie_word_embeddings=True
     )
-    return LlamaForCausalLM(config).to(torch.float32).eval()
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Linear]:
@@ -174,8 +163,8 @@ def test_malformed_chats_are_refused(messages):
 # ---------------------------------------------------------------- fine-tuning
 
 
-def test_pruned_weights_stay_exactly_zero_and_kept_weights_move(chat_tokenizer):
-    model = tiny_llama(chat_tokenizer)
+def test_pruned_weights_stay_exactly_zero_and_kept_weights_move(new_model, chat_tokenizer):
+    model = new_model()
     keeps = magnitude_prune_half(model)
     before = {n: m.weight.detach().clone() for n, m in decoder_linears(model).items()}
     cfg = FinetuneConfig(steps=8, batch_size=2, max_seq_len=128, learning_rate=5e-2, weight_decay=0.1, warmup_ratio=0.0)
@@ -195,9 +184,9 @@ def test_pruned_weights_stay_exactly_zero_and_kept_weights_move(chat_tokenizer):
         assert not module.weight._backward_hooks, "gradient hooks were left on the weights"
 
 
-def test_without_masks_the_same_run_moves_the_zeros(chat_tokenizer):
+def test_without_masks_the_same_run_moves_the_zeros(new_model, chat_tokenizer):
     """Control for the test above: with no fixed masks, AdamW at this lr does revive pruned weights."""
-    model = tiny_llama(chat_tokenizer)
+    model = new_model()
     keeps = magnitude_prune_half(model)
     cfg = FinetuneConfig(steps=8, batch_size=2, max_seq_len=128, learning_rate=5e-2, weight_decay=0.1, warmup_ratio=0.0)
     finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg, masks={})
@@ -205,8 +194,8 @@ def test_without_masks_the_same_run_moves_the_zeros(chat_tokenizer):
     assert revived > 0
 
 
-def test_explicit_masks_by_parameter_name_zero_and_hold_the_weights(chat_tokenizer):
-    model = tiny_llama(chat_tokenizer)
+def test_explicit_masks_by_parameter_name_zero_and_hold_the_weights(new_model, chat_tokenizer):
+    model = new_model()
     name = "model.layers.1.mlp.up_proj"
     weight = dict(model.named_modules())[name].weight
     keep = torch.rand(weight.shape, generator=torch.Generator().manual_seed(1)) < 0.25
@@ -218,8 +207,8 @@ def test_explicit_masks_by_parameter_name_zero_and_hold_the_weights(chat_tokeniz
     assert torch.count_nonzero(other.detach()) == other.numel()  # unmasked layers stay dense
 
 
-def test_bad_masks_are_refused(chat_tokenizer):
-    model = tiny_llama(chat_tokenizer)
+def test_bad_masks_are_refused(new_model, chat_tokenizer):
+    model = new_model()
     cfg = FinetuneConfig(steps=1, batch_size=1, max_seq_len=64, learning_rate=1e-3)
     small = torch.ones(2, 2, dtype=torch.bool)
     with pytest.raises(UserError, match="names no module"):
@@ -228,8 +217,8 @@ def test_bad_masks_are_refused(chat_tokenizer):
         finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg, masks={"model.layers.0.mlp.up_proj": small})
 
 
-def test_loss_falls_on_a_small_repeated_dataset(chat_tokenizer):
-    model = tiny_llama(chat_tokenizer)
+def test_loss_falls_on_a_small_repeated_dataset(new_model, chat_tokenizer):
+    model = new_model()
     magnitude_prune_half(model)
     cfg = FinetuneConfig(steps=12, batch_size=4, max_seq_len=128, learning_rate=5e-3, warmup_ratio=0.1)
     losses = finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg)["losses"]
@@ -237,31 +226,31 @@ def test_loss_falls_on_a_small_repeated_dataset(chat_tokenizer):
     assert last < 0.8 * first, f"loss did not fall: first {first:.3f}, last {last:.3f}"
 
 
-def test_same_seed_same_run(chat_tokenizer):
+def test_same_seed_same_run(new_model, chat_tokenizer):
     cfg = FinetuneConfig(steps=4, batch_size=2, max_seq_len=128, learning_rate=1e-3, seed=3)
-    runs = [finetune_sparse(tiny_llama(chat_tokenizer), chat_tokenizer, EXAMPLES, cfg)["losses"] for _ in range(2)]
+    runs = [finetune_sparse(new_model(), chat_tokenizer, EXAMPLES, cfg)["losses"] for _ in range(2)]
     assert runs[0] == runs[1]
 
 
-def test_learning_rate_defaults_to_the_table(chat_tokenizer):
-    model = tiny_llama(chat_tokenizer)
+def test_learning_rate_defaults_to_the_table(new_model, chat_tokenizer):
+    model = new_model()
     cfg = FinetuneConfig(steps=1, batch_size=1, max_seq_len=128)
     result = finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg, num_params_for_lr=3_000_000_000, sparsity_for_lr=0.5)
-    assert result["lr"] == paper_learning_rate(3_000_000_000, 0.5)
+    assert result["lr"] == default_learning_rate(3_000_000_000, 0.5)
 
 
-def test_rows_with_the_response_cut_away_are_skipped_and_none_usable_is_refused(chat_tokenizer):
+def test_rows_with_the_response_cut_away_are_skipped_and_none_usable_is_refused(new_model, chat_tokenizer):
     long_prompt = {"role": "user", "content": " ".join(["what is two plus two ?"] * 20)}
     cut = {"messages": [long_prompt, {"role": "assistant", "content": "four ."}]}
     cfg = FinetuneConfig(steps=2, batch_size=2, max_seq_len=64, learning_rate=1e-3)
-    result = finetune_sparse(tiny_llama(chat_tokenizer), chat_tokenizer, [cut, EXAMPLES[1]], cfg)
+    result = finetune_sparse(new_model(), chat_tokenizer, [cut, EXAMPLES[1]], cfg)
     assert result["skipped"] == 1
     with pytest.raises(UserError, match="no usable"):
-        finetune_sparse(tiny_llama(chat_tokenizer), chat_tokenizer, [cut, cut], cfg)
+        finetune_sparse(new_model(), chat_tokenizer, [cut, cut], cfg)
     with pytest.raises(UserError, match="no usable"):
-        finetune_sparse(tiny_llama(chat_tokenizer), chat_tokenizer, [], cfg)
+        finetune_sparse(new_model(), chat_tokenizer, [], cfg)
     with pytest.raises(UserError, match="messages"):
-        finetune_sparse(tiny_llama(chat_tokenizer), chat_tokenizer, [{"prompt": "hi"}], cfg)
+        finetune_sparse(new_model(), chat_tokenizer, [{"prompt": "hi"}], cfg)
 
 
 def test_warmup_then_linear_decay():
@@ -327,16 +316,16 @@ def test_mix_refuses_bad_weights(weights, total, match):
 def test_learning_rate_table_is_monotone_and_maps_to_nearest_row():
     sizes = [494_000_000, 1_236_000_000, 1_544_000_000, 3_100_000_000]
     for size in sizes:
-        rates = [paper_learning_rate(size, s) for s in SPARSITY_COLUMNS]
+        rates = [default_learning_rate(size, s) for s in SPARSITY_COLUMNS]
         assert rates == sorted(rates) and len(set(rates)) == len(rates), "higher sparsity should not lower the lr"
     for s in SPARSITY_COLUMNS:
-        rates = [paper_learning_rate(size, s) for size in sizes]
+        rates = [default_learning_rate(size, s) for size in sizes]
         assert rates == sorted(rates, reverse=True), "a larger model should not get a larger lr"
-    assert paper_learning_rate(135_000_000, 0.5) == paper_learning_rate(494_000_000, 0.5)  # below the table
-    assert paper_learning_rate(70_000_000_000, 0.0) == paper_learning_rate(3_100_000_000, 0.0)  # above it
-    assert paper_learning_rate(3_210_000_000, 0.0) == paper_learning_rate(3_090_000_000, 0.0)
-    assert paper_learning_rate(1_236_000_000, 0.49) == paper_learning_rate(1_236_000_000, 0.5)
-    assert 1e-6 <= paper_learning_rate(1_236_000_000, 0.0) <= 1e-4
+    assert default_learning_rate(135_000_000, 0.5) == default_learning_rate(494_000_000, 0.5)  # below the table
+    assert default_learning_rate(70_000_000_000, 0.0) == default_learning_rate(3_100_000_000, 0.0)  # above it
+    assert default_learning_rate(3_210_000_000, 0.0) == default_learning_rate(3_090_000_000, 0.0)
+    assert default_learning_rate(1_236_000_000, 0.49) == default_learning_rate(1_236_000_000, 0.5)
+    assert 1e-6 <= default_learning_rate(1_236_000_000, 0.0) <= 1e-4
 
 
 @pytest.mark.parametrize(
@@ -344,4 +333,4 @@ def test_learning_rate_table_is_monotone_and_maps_to_nearest_row():
 )
 def test_learning_rate_table_refuses_bad_input(num_params, sparsity):
     with pytest.raises(UserError):
-        paper_learning_rate(num_params, sparsity)
+        default_learning_rate(num_params, sparsity)

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sd2_core.errors import UserError
 from sd2_core.pruning.layer_pruner import angular_distances, blocks_to_drop, drop_blocks, prune_layers, residual_states
 
+VOCAB = 96
 
-def _model(layers: int = 8) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+
+@pytest.fixture
+def llama(tiny_llama):
+    """``llama(layers)``: the shared tiny Llama, narrower (hidden 32) and as deep as a test needs."""
+    return lambda layers: tiny_llama(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers)
 
 
 def _make_identity(model: LlamaForCausalLM, blocks: range) -> None:
@@ -35,7 +28,7 @@ def _make_identity(model: LlamaForCausalLM, blocks: range) -> None:
 
 def _calibration(n: int = 6, length: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
-    ids = torch.randint(3, 96, (n, length))
+    ids = torch.randint(3, VOCAB, (n, length))
     mask = torch.ones_like(ids)
     mask[0, -5:] = 0  # right padding: the last real token is earlier
     mask[1, :4] = 0  # left padding
@@ -44,8 +37,8 @@ def _calibration(n: int = 6, length: int = 24) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("start", [0, 2, 4])
-def test_identity_blocks_are_the_ones_dropped(start: int) -> None:
-    model = _model(8)
+def test_identity_blocks_are_the_ones_dropped(llama, start: int) -> None:
+    model = llama(8)
     _make_identity(model, range(start, start + 4))
     ids, mask = _calibration()
     states = residual_states(model, ids, mask)
@@ -66,9 +59,9 @@ def test_identity_blocks_are_the_ones_dropped(start: int) -> None:
     assert torch.allclose(before[real], after[real], atol=1e-5)
 
 
-def test_last_group_uses_last_block_output_not_final_norm() -> None:
+def test_last_group_uses_last_block_output_not_final_norm(llama) -> None:
     """With the last blocks identities, the group that ends at the model's output is the one found."""
-    model = _model(6)
+    model = llama(6)
     _make_identity(model, range(3, 6))
     with torch.no_grad():  # a final norm that is not a uniform scale would hide the identity from post-norm states
         model.model.norm.weight.uniform_(0.2, 3.0)
@@ -77,8 +70,8 @@ def test_last_group_uses_last_block_output_not_final_norm() -> None:
     assert report["dropped"] == [3, 4, 5]
 
 
-def test_pruned_model_generates_and_keeps_weights() -> None:
-    model = _model(6)
+def test_pruned_model_generates_and_keeps_weights(llama) -> None:
+    model = llama(6)
     pruned = drop_blocks(model, 1, 2)
     kept = [0, 3, 4, 5]
     for new, old in enumerate(kept):
@@ -88,7 +81,7 @@ def test_pruned_model_generates_and_keeps_weights() -> None:
     assert out.shape == (1, 7)
 
 
-def test_bad_fractions_are_clear_errors() -> None:
+def test_bad_fractions_are_clear_errors(llama) -> None:
     assert blocks_to_drop(30, 0.5) == 15 and blocks_to_drop(2, 0.5) == 1
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(UserError, match="out of range"):
@@ -96,4 +89,4 @@ def test_bad_fractions_are_clear_errors() -> None:
     with pytest.raises(UserError, match="would leave none"):
         blocks_to_drop(2, 0.9)
     with pytest.raises(UserError, match="all padding"):
-        residual_states(_model(2), torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+        residual_states(llama(2), torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))

@@ -4,34 +4,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from sd2_core.errors import UserError
 from sd2_core.macs import average_macs_per_token, improvement_factor, macs_per_token
 
+VOCAB = 512
+# The shapes the hand counts below are written for (stated here, not inherited from the factory's defaults).
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
-def tiny(**overrides) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    settings = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    settings.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+@pytest.fixture
+def tiny(tiny_llama):
+    """``tiny(**overrides)``: the shared tiny Llama in the shape the hand counts assume."""
+    return lambda **overrides: tiny_llama(**{**SHAPE, **overrides})
 
 
 # Per layer, head_dim 16, 2 KV heads: q 64·64 + k 64·32 + v 64·32 + o 64·64 + gate/up/down 3·64·128.
 LAYER = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128
-LM_HEAD = 512 * 64
+LM_HEAD = VOCAB * 64
 
 
-def test_hand_computed_dense_count():
-    assert LAYER == 36_864
+def test_hand_computed_dense_count(tiny):
     m = macs_per_token(tiny(), context_len=10)
     assert m["linear"] == 2 * LAYER
     assert m["lm_head"] == LM_HEAD
@@ -40,7 +41,7 @@ def test_hand_computed_dense_count():
     assert m["context_len"] == 10
 
 
-def test_pruned_weights_do_not_count():
+def test_pruned_weights_do_not_count(tiny):
     model = tiny()
     before = macs_per_token(model, 5)
     layer = model.model.layers[1].mlp.up_proj
@@ -56,14 +57,14 @@ def test_pruned_weights_do_not_count():
     assert macs_per_token(model, 5)["lm_head"] == LM_HEAD - 100 * 64
 
 
-def test_attention_grows_linearly_with_context():
+def test_attention_grows_linearly_with_context(tiny):
     model = tiny()
     a, b, c = (macs_per_token(model, n) for n in (1, 100, 200))
     assert b["attention"] == 100 * a["attention"] and c["attention"] == 2 * b["attention"]
     assert c["total"] - b["total"] == b["attention"]  # weights do not depend on the context
 
 
-def test_explicit_head_dim_and_tied_head_and_dropped_layer():
+def test_explicit_head_dim_and_tied_head_and_dropped_layer(tiny):
     model = tiny(head_dim=8, tie_word_embeddings=True)  # q/o project 64 ↔ 32, attention uses 4 × 8
     m = macs_per_token(model, 3)
     layer = 64 * 32 + 64 * 16 + 64 * 16 + 32 * 64 + 3 * 64 * 128
@@ -75,7 +76,7 @@ def test_explicit_head_dim_and_tied_head_and_dropped_layer():
     assert m["linear"] == layer and m["attention"] == 2 * 4 * 8 * 3
 
 
-def test_average_is_mean_over_generated_positions():
+def test_average_is_mean_over_generated_positions(tiny):
     model = tiny()
     avg = average_macs_per_token(model, prompt_len=7, new_tokens=6)
     per_token = [macs_per_token(model, n)["total"] for n in range(7, 13)]
@@ -84,7 +85,7 @@ def test_average_is_mean_over_generated_positions():
     assert average_macs_per_token(model, 7, 1)["total"] == macs_per_token(model, 7)["total"]
 
 
-def test_bad_lengths_are_user_errors():
+def test_bad_lengths_are_user_errors(tiny):
     model = tiny()
     with pytest.raises(UserError, match="context_len"):
         macs_per_token(model, 0)

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sd2_core.config import PruneConfig
 from sd2_core.data import embedded_path
@@ -40,6 +40,16 @@ SEQ = 64
 N_CALIB = 24
 N_HELD = 4
 HALF, QUARTERS, TWO_FOUR = parse_sparsity("0.5"), parse_sparsity("0.75"), parse_sparsity("2:4")
+# The corpus's own 512-token vocabulary; hidden 64 and 2 layers, as the shapes below assume; MLP width 256 gives
+# down_proj two 128-column SparseGPT blocks; 4 KV heads make k_proj/v_proj square, 64 x 64, like q_proj.
+PRUNED_LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -79,25 +89,9 @@ def corpus(request) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:N_CALIB], ids[N_CALIB:]
 
 
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    config = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    config.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**config)).eval()
-
-
 @pytest.fixture(scope="module")
-def dense() -> LlamaForCausalLM:
-    return tiny_llama()
+def dense(tiny_llama) -> LlamaForCausalLM:
+    return tiny_llama(**PRUNED_LLAMA)
 
 
 def linear_inputs(model: nn.Module, ids: torch.Tensor, name: str, attention_mask=None) -> torch.Tensor:
@@ -209,8 +203,10 @@ def test_nm_on_a_width_not_multiple_of_m_is_refused():
         magnitude_prune(torch.randn(3, 6), TWO_FOUR)
 
 
-def test_prune_model_refuses_nm_on_an_odd_width_before_touching_weights(corpus):
-    model = tiny_llama(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=6)
+def test_prune_model_refuses_nm_on_an_odd_width_before_touching_weights(corpus, tiny_llama):
+    model = tiny_llama(
+        vocab_size=VOCAB, hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=6
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib, _ = corpus
     with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.down_proj has 6 input features"):

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from sd2_core.errors import UserError
 from sd2_core.mal import PromptItem, chat_input_ids, greedy_reference, measure_mal
-from sd2_core.specdec import greedy_generate, speculative_generate
+from sd2_core.specdec import ModelDrafter, greedy_generate, speculative_generate
 
 VOCAB = 512
 NEVER = {-1}  # an EOS id no model can emit: generation runs to max_new_tokens
@@ -25,19 +25,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_llama(seed: int, vocab: int = VOCAB) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).to(torch.float64).eval()
+def float64_llama(make, seed: int, **overrides) -> LlamaForCausalLM:
+    """The shared tiny Llama in float64, so greedy argmax ties cannot flip between two decoders."""
+    return make(seed, **overrides).to(torch.float64)
 
 
 def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
@@ -55,8 +45,8 @@ def prompt(seed: int, length: int = 12) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def target():
-    return tiny_llama(0)
+def target(tiny_llama):
+    return float64_llama(tiny_llama, 0, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +84,7 @@ def test_self_draft_accepts_everything(target):
     for k in (1, 3, 5):
         ids = prompt(k)
         greedy = greedy_generate(target, ids, 4 * (k + 1), NEVER)
-        res = speculative_generate(target, target, ids, k, 4 * (k + 1), NEVER)
+        res = speculative_generate(target, ModelDrafter(target), ids, k, 4 * (k + 1), NEVER)
         assert res.tokens == greedy
         assert res.steps == 4
         assert res.appended_per_step == [k + 1] * 4
@@ -108,7 +98,7 @@ def test_close_draft_is_lossless_with_partial_acceptance(target, close_draft, k)
     for s in range(3):
         ids = prompt(10 + s)
         greedy = greedy_generate(target, ids, 30, NEVER)
-        res = speculative_generate(target, close_draft, ids, k, 30, NEVER)
+        res = speculative_generate(target, ModelDrafter(close_draft), ids, k, 30, NEVER)
         assert res.tokens == greedy
         assert sum(res.appended_per_step) == len(res.tokens) == 30
         assert res.steps == len(res.appended_per_step) == len(res.accepted_per_step)
@@ -124,24 +114,24 @@ def test_cached_acceptance_matches_cache_free_reference(target, close_draft, k):
     accepted drafts per step must equal a decoder that recomputes everything from scratch."""
     for s in range(2):
         ids = prompt(20 + s)
-        res = speculative_generate(target, close_draft, ids, k, 25, NEVER)
+        res = speculative_generate(target, ModelDrafter(close_draft), ids, k, 25, NEVER)
         tokens, accepted = reference_speculative(target, close_draft, ids, k, 25)
         assert res.tokens == tokens
         assert res.accepted_per_step == accepted
 
 
-def test_unrelated_draft_is_lossless(target):
-    other = tiny_llama(7)
+def test_unrelated_draft_is_lossless(target, tiny_llama):
+    other = float64_llama(tiny_llama, 7, vocab_size=VOCAB)
     for k in (1, 5):
         ids = prompt(30 + k)
-        res = speculative_generate(target, other, ids, k, 20, NEVER)
+        res = speculative_generate(target, ModelDrafter(other), ids, k, 20, NEVER)
         assert res.tokens == greedy_generate(target, ids, 20, NEVER)
         assert 1 <= len(res.tokens) / res.steps <= k + 1
 
 
 def test_truncation_at_max_new_tokens_counts_only_kept_tokens(target):
     """With the target as its own draft and 10 tokens at k=3: steps append 4, 4, then only the 2 that fit."""
-    res = speculative_generate(target, target, prompt(40), 3, 10, NEVER)
+    res = speculative_generate(target, ModelDrafter(target), prompt(40), 3, 10, NEVER)
     assert res.appended_per_step == [4, 4, 2]
     assert res.tokens == greedy_generate(target, prompt(40), 10, NEVER)
 
@@ -156,7 +146,7 @@ def test_truncation_at_eos(target, close_draft):
     assert greedy == free[: stop + 1]
     for draft in (target, close_draft):
         for k in (2, 5):
-            res = speculative_generate(target, draft, ids, k, 30, {eos})
+            res = speculative_generate(target, ModelDrafter(draft), ids, k, 30, {eos})
             assert res.tokens == greedy
             assert res.tokens[-1] == eos and eos not in res.tokens[:-1]
             assert sum(res.appended_per_step) == len(greedy)
@@ -164,9 +154,9 @@ def test_truncation_at_eos(target, close_draft):
 
 def test_bad_arguments_are_user_errors(target):
     with pytest.raises(UserError, match="k"):
-        speculative_generate(target, target, [1, 2], 0, 5, NEVER)
+        speculative_generate(target, ModelDrafter(target), [1, 2], 0, 5, NEVER)
     with pytest.raises(UserError, match="max_new_tokens"):
-        speculative_generate(target, target, [1, 2], 2, 0, NEVER)
+        speculative_generate(target, ModelDrafter(target), [1, 2], 2, 0, NEVER)
     with pytest.raises(UserError, match="empty"):
         greedy_generate(target, [], 5, NEVER)
 
@@ -175,8 +165,8 @@ def test_bad_arguments_are_user_errors(target):
 
 
 @pytest.fixture(scope="module")
-def chat_target(smollm2_tokenizer):
-    return tiny_llama(0, vocab=len(smollm2_tokenizer))
+def chat_target(tiny_llama):
+    return float64_llama(tiny_llama, 0)  # the factory's default vocabulary is the SmolLM2 tokenizer's
 
 
 @pytest.fixture(scope="module")

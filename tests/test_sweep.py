@@ -85,7 +85,12 @@ def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, ca
     assert second["state"] == "COMPLETED" and second["failed"] == []
     assert len(_results(second)) == 6
 
-    runs = subflow_task_states(second["flow_run_id"])
+    cell_stages = SHARED | {"prune-0.5", "mal-one-shot", "finetune", "mal-sd2"}  # + materialize-draft: another draft
+    expected = {
+        f"cell-{draft}-sgpt-50": cell_stages if draft == "tiny-random-llama" else cell_stages | {"materialize-draft"}
+        for draft in grid.drafts
+    }
+    runs = subflow_task_states(second["flow_run_id"], {"distill-tiny-random-llama": SHARED, **expected})
     cells = {name: states for name, states in runs.items() if name.startswith("cell-")}
     assert len(cells) == 3
     rerun = cells[f"cell-{broken}-sgpt-50"]
@@ -103,7 +108,8 @@ def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, ca
             assert set(states.values()) == {"Cached"}, (name, states)
     distill_runs = [states for name, states in runs.items() if name.startswith("distill-")]
     assert distill_runs and all(set(s.values()) == {"Cached"} for s in distill_runs)
-    assert task_states_of(second["flow_run_id"])["results"] == "Completed"  # the table changed: it is rebuilt
+    sweep_states = task_states_of(second["flow_run_id"], {"results", *cell_runs})
+    assert sweep_states["results"] == "Completed"  # the table changed: it is rebuilt
 
 
 def test_variants_dense_layer_and_2_4(prefect_api, tmp_path: Path) -> None:
@@ -129,7 +135,9 @@ def test_variants_dense_layer_and_2_4(prefect_api, tmp_path: Path) -> None:
     assert lost["error"].str.contains("no-such-target").all()
     table = everything[everything["target"] == "tiny-random-llama"].set_index(["variant", "stage"])
 
-    artifacts = artifacts_of(state.state_details.flow_run_id)
+    artifacts = artifacts_of(
+        state.state_details.flow_run_id, {"sd2-sweep-progress", "sd2-sweep-results", "sd2-sweep-summary"}
+    )
     assert artifacts["sd2-sweep-progress"] == 100.0
     assert len(json.loads(artifacts["sd2-sweep-results"])) == 12
     summary_md = artifacts["sd2-sweep-summary"]

@@ -6,7 +6,7 @@ import pytest
 from prefect import flow, task
 
 from sd2_core.errors import TransientError, UserError
-from tasks.stages import retry_on_transient
+from tasks.stage_tasks import retry_on_transient
 
 
 def _flaky_task(exc: BaseException, fail_times: int):

@@ -6,7 +6,12 @@ where the shipped files live, so importing it stays cheap and free of import cyc
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from sd2_core.errors import UserError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 
@@ -20,3 +25,14 @@ def embedded_path(name: str) -> Path:
             "sd2_core/data/embedded/* not installed); reinstall sd2"
         )
     return path
+
+
+def jsonl_values(text: str, where: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-empty line of a JSON-lines text; a bad line is a UserError."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where} line {number} is not valid JSON: {exc.msg}") from None

@@ -6,12 +6,11 @@ them as one group, so those labels are mapped to "mt_bench" here (6 categories, 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd2_core.data import embedded_path
+from sd2_core.data import embedded_path, jsonl_values
 from sd2_core.errors import UserError
 
 if TYPE_CHECKING:
@@ -68,13 +67,7 @@ def load_prompts(source: str = "specbench", per_category: int | None = None) -> 
     items: list[PromptItem] = []
     seen: set[str] = set()
     taken: dict[str, int] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where} line {number} is not valid JSON: {exc.msg}") from None
+    for number, row in jsonl_values(path.read_text(encoding="utf-8"), where):
         qid, category, turns = _item(row, number, where)
         item_id = qid if qid is not None else str(number)
         if item_id in seen:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sd2_core.config import SourceSpec
-from sd2_core.data import embedded_path
+from sd2_core.data import embedded_path, jsonl_values
 from sd2_core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def _parse_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {number} is not valid JSON: {exc.msg}") from None
+    for number, row in jsonl_values(text, str(path)):
         if not isinstance(row, dict):
             raise UserError(f"{path} line {number} must be a JSON object, got {type(row).__name__}")
         rows.append(row)

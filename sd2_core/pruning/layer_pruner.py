@@ -19,7 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from sd2_core.errors import UserError
-from sd2_core.pruning.model_pruner import as_hidden, require_decoder_layers
+from sd2_core.pruning.structure import (
+    as_hidden,
+    require_decoder_layers,
+)
 
 log = logging.getLogger(__name__)
 

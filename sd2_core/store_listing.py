@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sd2_core.errors import UserError
 from sd2_core.store import Store
 
 
+def _finetune(config: dict[str, Any], summary: dict[str, Any]) -> str:
+    loss = f"{summary.get('loss_first', 0):.3f} → {summary.get('loss_last', 0):.3f}"
+    return f"{config.get('steps')} steps, lr {summary.get('lr')}: loss {loss}"
+
+
+# A few words per stage that say which artifact this is, from its config and summary.
+_DESCRIBE: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]] = {
+    "model": lambda c, s: f"{c.get('ref')} ({s.get('layers')} layers)",
+    "distill": lambda c, s: (
+        f"{c.get('source', {}).get('kind')} from {c.get('source', {}).get('uri')}: "
+        f"{s.get('rows')} rows, {s.get('fallbacks')} fallbacks"
+    ),
+    "prune": lambda c, s: f"SparseGPT {c.get('sparsity')}: sparsity {s.get('sparsity', 0):.3f}",
+    "layerprune": lambda c, s: f"layer pruning {c.get('sparsity')}: dropped blocks {s.get('dropped')}",
+    "finetune": _finetune,
+    "reference": lambda c, s: f"greedy reference, {s.get('prompts')} prompts × {c.get('max_new_tokens')} tokens",
+    "mal": lambda c, s: f"k={c.get('k')}: MAL {s.get('mal', 0):.3f}, c {s.get('c', 0):.3f}",
+    "results": lambda c, s: f"sweep {s.get('name')}: {s.get('cells')} cells, {s.get('failed')} failed",
+}
+
+
 def _describe(manifest: dict[str, Any]) -> str:
-    """A few words that say which artifact this is, from its config and summary."""
-    stage, config, summary = manifest["stage"], manifest.get("config", {}), manifest.get("summary", {})
-    if stage == "model":
-        return f"{config.get('ref')} ({summary.get('layers')} layers)"
-    if stage == "distill":
-        source = config.get("source", {})
-        rows, fallbacks = summary.get("rows"), summary.get("fallbacks")
-        return f"{source.get('kind')} from {source.get('uri')}: {rows} rows, {fallbacks} fallbacks"
-    if stage == "prune":
-        return f"SparseGPT {config.get('sparsity')}: sparsity {summary.get('sparsity', 0):.3f}"
-    if stage == "layerprune":
-        return f"layer pruning {config.get('sparsity')}: dropped blocks {summary.get('dropped')}"
-    if stage == "finetune":
-        loss = f"{summary.get('loss_first', 0):.3f} → {summary.get('loss_last', 0):.3f}"
-        return f"{config.get('steps')} steps, lr {summary.get('lr')}: loss {loss}"
-    if stage == "reference":
-        return f"greedy reference, {summary.get('prompts')} prompts × {config.get('max_new_tokens')} tokens"
-    if stage == "mal":
-        return f"k={config.get('k')}: MAL {summary.get('mal', 0):.3f}, c {summary.get('c', 0):.3f}"
-    if stage == "results":
-        return f"sweep {summary.get('name')}: {summary.get('cells')} cells, {summary.get('failed')} failed"
-    return ""
+    describe = _DESCRIBE.get(manifest["stage"])
+    return describe(manifest.get("config", {}), manifest.get("summary", {})) if describe else ""
 
 
 def list_artifacts(store: Store, stage: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,91 @@
+"""The one-shot stages: SparseGPT (`prune`) and layer pruning (`layerprune`) of a draft, as store artifacts.
+
+Both read the draft and the calibration text the same way and write a plain HF folder plus their report;
+the science is in `model_pruner` / `sparsegpt` and in `layer_pruner`. (The key's code digest covers this
+module and both pruners, so an edit to either pruner rebuilds both stages' artifacts.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd2_core.artifacts import Progress, Recipe, data_identity, write_json
+from sd2_core.config import PruneConfig
+from sd2_core.errors import UserError
+from sd2_core.models import load_artifact, save_model
+from sd2_core.pruning.sparsity import parse_sparsity
+from sd2_core.pruning.structure import decoder_linears, measure_sparsity, params_summary
+from sd2_core.store import ArtifactRef, Store
+
+
+def _draft_and_calibration(store: Store, draft: ArtifactRef, cfg: PruneConfig):
+    from sd2_core.data.calibration import load_calibration
+
+    model, tokenizer = load_artifact(store, draft)
+    return model, tokenizer, *load_calibration(tokenizer, cfg.calibration)
+
+
+def prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
+    """The `prune` stage: SparseGPT one-shot pruning of the draft on real calibration text."""
+    from sd2_core.pruning.model_pruner import prune_model
+
+    if cfg.method != "sparsegpt":
+        raise UserError(f"prune runs SparseGPT; method {cfg.method!r} belongs to another stage (see variant_prune)")
+    spec = parse_sparsity(cfg.sparsity)
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        model, tokenizer, input_ids, attention_mask = _draft_and_calibration(store, draft, cfg)
+        report = prune_model(
+            model, input_ids, attention_mask, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp, progress=progress
+        )
+        sparsity = measure_sparsity(model)
+        save_model(model, tokenizer, out)
+        write_json(out / "prune_report.json", {"report": report, "sparsity": sparsity})
+        return {
+            "sparsity_target": spec.label,
+            **params_summary(sparsity),
+            "damp_retries": sum(int(m.get("retries", 0)) for m in report["per_module"].values()),
+        }
+
+    # The stage is SparseGPT: `method` is implied by it and stays out of the key.
+    config = {**cfg.model_dump(mode="json", exclude={"method"}), **data_identity(cfg.calibration.uri)}
+    return Recipe("prune", config, (draft,), build, code=__name__)
+
+
+def layer_prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
+    """The `layerprune` stage: drop the `sparsity` fraction of the draft's blocks with the least angular distance."""
+    from sd2_core.pruning.layer_pruner import prune_layers
+
+    if cfg.method != "layer":
+        raise UserError(f"layer_prune drops decoder blocks; method {cfg.method!r} belongs to another stage")
+    fraction = parse_sparsity(cfg.sparsity).fraction
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        model, tokenizer, input_ids, attention_mask = _draft_and_calibration(store, draft, cfg)
+        linear_before = sum(m.weight.numel() for m in decoder_linears(model).values())
+        if progress:
+            progress(0, 1, "measuring angular distances between blocks")
+        pruned, report = prune_layers(model, input_ids, attention_mask, fraction)
+        if progress:
+            progress(1, 1, f"dropped blocks {report['dropped'][0]}..{report['dropped'][-1]}")
+        linear_nonzero_after = sum(int(torch.count_nonzero(m.weight)) for m in decoder_linears(pruned).values())
+        save_model(pruned, tokenizer, out)
+        write_json(out / "layer_prune_report.json", report)
+        return {
+            "sparsity_target": cfg.sparsity,
+            **params_summary(measure_sparsity(pruned)),
+            # of the original draft's decoder Linear weights, the fraction that is gone (removed or zero)
+            "sparsity": 1.0 - linear_nonzero_after / linear_before,
+            "dropped": report["dropped"],
+            "num_layers_after": report["num_layers_after"],
+        }
+
+    config = {
+        "sparsity": cfg.sparsity,
+        "calibration": cfg.calibration.model_dump(mode="json"),
+        **data_identity(cfg.calibration.uri),
+    }
+    return Recipe("layerprune", config, (draft,), build, code=__name__)

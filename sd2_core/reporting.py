@@ -1,0 +1,277 @@
+"""Every summary sd2 writes of its results, in one place: the cell record, the sweep table and their markdown.
+
+The record `sd2 cell --json` prints is built from the cell's artifacts (`cell_summary`); the sweep's table rows
+are built from those records (`cell_rows`), and the markdown for people (Prefect artifacts, summary.md, the
+README's tables) from the table. So a number can never differ between the JSON, the table and the text.
+`results_recipe` is the sweep's `results` stage.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sd2_core.artifacts import Progress, Recipe
+from sd2_core.config import CellConfig
+from sd2_core.store import ArtifactRef
+
+
+def _mal_view(ref: ArtifactRef) -> dict[str, Any]:
+    s = ref.summary
+    return {"overall": s["mal"], "per_category": s["mal_per_category"]}
+
+
+def cell_summary(config: CellConfig, refs: dict[str, ArtifactRef]) -> dict[str, Any]:
+    """Flatten the artifacts of one cell into the record `sd2 cell --json` prints.
+
+    `refs` holds: target, draft, prune (the one-shot draft: pruned, layer-pruned, or the dense draft itself),
+    finetune, reference, mal_one_shot, mal_sd2 and distill/<kind>.
+    Timings are the seconds each artifact took to build (a cached rerun reports the original cost).
+    Sparsity is of the original draft's decoder Linear weights; for layer pruning the removed blocks count as
+    sparse, and fine-tuning cannot bring them back, so the SD² draft keeps the one-shot figure.
+    """
+    one, sd2 = refs["mal_one_shot"].summary, refs["mal_sd2"].summary
+    pruned, tuned = refs["prune"].summary, refs["finetune"].summary
+    layer = config.prune.method == "layer"
+    return {
+        "cell": {
+            "target": config.target,
+            "draft": config.draft,
+            "variant": config.variant,
+            "profile": config.profile,
+        },
+        "mal": {"one_shot": _mal_view(refs["mal_one_shot"]), "sd2": _mal_view(refs["mal_sd2"])},
+        "lossless": {"one_shot": one["lossless"], "sd2": sd2["lossless"]},
+        "macs_per_token": {
+            "draft": sd2["macs_per_token"]["draft"],
+            "target": sd2["macs_per_token"]["target"],
+            "draft_one_shot": one["macs_per_token"]["draft"],
+        },
+        "c": sd2["c"],
+        "improvement_factor_theoretical": {
+            "one_shot": one["improvement_factor_theoretical"],
+            "sd2": sd2["improvement_factor_theoretical"],
+        },
+        "k": sd2["k"],
+        "sparsity": {
+            "target": None if config.prune.method == "none" else config.prune.sparsity,
+            "pruned": pruned["sparsity"],
+            "finetuned": pruned["sparsity"] if layer else tuned["sparsity"],
+        },
+        "params": {
+            "one_shot": {"nonzero": pruned["nonzero_params"], "total": pruned["total_params"]},
+            "sd2": {"nonzero": tuned["nonzero_params"], "total": tuned["total_params"]},
+        },
+        "finetune": {
+            "loss_first": refs["finetune"].summary["loss_first"],
+            "loss_last": refs["finetune"].summary["loss_last"],
+            "lr": refs["finetune"].summary["lr"],
+        },
+        "distill": {
+            name.split("/", 1)[1]: {k: r.summary.get(k) for k in ("rows", "distilled", "fallbacks")}
+            for name, r in refs.items()
+            if name.startswith("distill/")
+        },
+        "artifacts": {name: r.uri for name, r in refs.items()},
+        "timings": {name: r.summary.get("seconds") for name, r in refs.items()},
+    }
+
+
+STAGES = ("one_shot", "sd2")
+COLUMNS = [
+    "target",
+    "draft",
+    "variant",
+    "stage",
+    "status",
+    "error",
+    "sparsity",
+    "nonzero_params",
+    "total_params",
+    "macs_per_token_draft",
+    "macs_per_token_target",
+    "c",
+    "k",
+    "mal",
+    "lossless",
+    "lossless_total",
+    "improvement_factor_theoretical",
+    "distill_s",
+    "prune_s",
+    "finetune_s",
+    "mal_s",
+    "draft_uri",
+    "mal_uri",
+]
+
+
+def cell_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The two rows (one-shot, SD²) of a finished cell."""
+    cell, timings, artifacts = summary["cell"], summary["timings"], summary["artifacts"]
+    dense = cell["variant"] == "dense"
+    distill_s = sum(v or 0.0 for k, v in timings.items() if k.startswith("distill/"))
+    rows = []
+    for stage in STAGES:
+        mal = summary["mal"][stage]
+        lossless = summary["lossless"][stage]
+        params = summary["params"][stage]
+        row = {
+            "target": cell["target"],
+            "draft": cell["draft"],
+            "variant": cell["variant"],
+            "stage": stage,
+            "status": "completed",
+            "error": "",
+            "sparsity": summary["sparsity"]["pruned" if stage == "one_shot" else "finetuned"],
+            "nonzero_params": params["nonzero"],
+            "total_params": params["total"],
+            "macs_per_token_draft": summary["macs_per_token"]["draft_one_shot" if stage == "one_shot" else "draft"],
+            "macs_per_token_target": summary["macs_per_token"]["target"],
+            "k": summary["k"],
+            "mal": mal["overall"],
+            "lossless": lossless["identical"],
+            "lossless_total": lossless["total"],
+            "improvement_factor_theoretical": summary["improvement_factor_theoretical"][stage],
+            "distill_s": distill_s,
+            "prune_s": math.nan if dense else timings.get("prune"),
+            "finetune_s": timings.get("finetune") if stage == "sd2" else math.nan,
+            "mal_s": timings.get("mal_one_shot" if stage == "one_shot" else "mal_sd2"),
+            "draft_uri": artifacts["prune" if stage == "one_shot" else "finetune"],
+            "mal_uri": artifacts["mal_one_shot" if stage == "one_shot" else "mal_sd2"],
+        }
+        row["c"] = row["macs_per_token_draft"] / row["macs_per_token_target"]
+        for category, value in sorted(mal["per_category"].items()):
+            row[f"mal_{category}"] = value
+        rows.append(row)
+    return rows
+
+
+def failed_rows(config: CellConfig, error: str) -> list[dict[str, Any]]:
+    """Placeholder rows of a cell that did not finish: identity, status and error, no figures."""
+    return [
+        {
+            "target": config.target,
+            "draft": config.draft,
+            "variant": config.variant,
+            "stage": stage,
+            "status": "failed",
+            "error": error,
+        }
+        for stage in STAGES
+    ]
+
+
+def results_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows as a DataFrame with the fixed columns first, then MAL per category (alphabetical)."""
+    frame = pd.DataFrame(rows)
+    for column in COLUMNS:
+        if column not in frame.columns:
+            frame[column] = math.nan
+    categories = sorted(c for c in frame.columns if c.startswith("mal_") and c not in COLUMNS)
+    return frame[COLUMNS + categories]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _short(name: Any) -> str:
+    """A model reference as a reader knows it: the last part of a path or hub id."""
+    return str(name).rstrip("/").rsplit("/", 1)[-1]
+
+
+def results_tables(frame: pd.DataFrame) -> str:
+    """Markdown tables of the completed cells, one per target ← draft pair, with the columns a reader needs.
+
+    Narrow enough for the Prefect artifact pane; every other column is in the table artifact and the CSV.
+    """
+    done = frame[frame["status"] == "completed"]
+    pairs = list(dict.fromkeys(zip(done["target"], done["draft"], strict=True)))
+    lines: list[str] = []
+    for target, draft in pairs:
+        if len(pairs) > 1:
+            lines += [f"### {_short(target)} ← {_short(draft)}", ""]
+        lines += ["| variant | stage | MAL | lossless | c | MAL/(k·c+1) |", "| --- | --- | --- | --- | --- | --- |"]
+        rows = done[(done["target"] == target) & (done["draft"] == draft)]
+        for _, r in rows.iterrows():
+            lines.append(
+                f"| {r['variant']} | {'SD²' if r['stage'] == 'sd2' else 'one-shot'} | {_fmt(r['mal'], '.3f')} | "
+                f"{int(r['lossless'])}/{int(r['lossless_total'])} | {_fmt(r['c'], '.3f')} | "
+                f"{_fmt(r['improvement_factor_theoretical'], '.3f')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_markdown(frame: pd.DataFrame, title: str, images: dict[str, str]) -> str:
+    """A short report: counts, the main figures per cell and stage, failures with their errors, then the plots."""
+    cells = frame.drop_duplicates(["target", "draft", "variant"])
+    failed = cells[cells["status"] == "failed"]
+    lines = [f"# {title}", "", f"{len(cells)} cells, {len(cells) - len(failed)} completed, {len(failed)} failed.", ""]
+    lines.append(results_tables(frame))
+    if len(failed):
+        lines += ["## Failed cells", ""]
+        for _, r in failed.iterrows():
+            first_line = str(r["error"]).strip().splitlines()[0] if str(r["error"]).strip() else "(no message)"
+            lines.append(f"- {r['target']} / {r['draft']} / {r['variant']}: {first_line}")
+    for name, src in images.items():
+        lines += ["", f"![{name}]({src})"]
+    return "\n".join(lines) + "\n"
+
+
+def cell_markdown(summary: dict[str, Any]) -> str:
+    """One cell's result for people: MAL per category for one-shot and SD², lossless counts, MACs and c."""
+    cell, mal = summary["cell"], summary["mal"]
+    cats = sorted(set(mal["one_shot"]["per_category"]) | set(mal["sd2"]["per_category"]))
+    lines = [
+        f"# SD² cell: {cell['draft']} {cell['variant']} → {cell['target']}",
+        "",
+        "| stage | MAL | " + " | ".join(cats) + " | lossless |",
+        "| --- | --- | " + " | ".join("---" for _ in cats) + " | --- |",
+    ]
+    for stage in STAGES:
+        per = mal[stage]["per_category"]
+        ll = summary["lossless"][stage]
+        lines.append(
+            f"| {stage} | {mal[stage]['overall']:.3f} | "
+            + " | ".join(f"{per.get(c, float('nan')):.3f}" for c in cats)
+            + f" | {ll['identical']}/{ll['total']} |"
+        )
+    lines += [
+        "",
+        f"MACs/token draft {summary['macs_per_token']['draft']:,} vs target "
+        f"{summary['macs_per_token']['target']:,} (c = {summary['c']:.3f}); "
+        f"sparsity after fine-tuning {summary['sparsity']['finetuned']:.4f}",
+    ]
+    return "\n".join(lines)
+
+
+def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows as plain JSON values (missing figures as null)."""
+    frame = results_frame(rows)
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+def results_recipe(name: str, rows: list[dict[str, Any]]) -> Recipe:
+    """The `results` stage: the sweep's tidy table (parquet + CSV), plots (PNG) and a markdown summary."""
+    from sd2_core.plots import draw_all
+
+    def build(out: Path, progress: Progress | None) -> dict[str, Any]:
+        frame = results_frame(rows)
+        frame.to_parquet(out / "results.parquet", index=False)
+        frame.to_csv(out / "results.csv", index=False)
+        images = {p.stem: f"plots/{p.name}" for p in draw_all(frame, out / "plots")}
+        (out / "summary.md").write_text(summary_markdown(frame, f"SD² sweep {name}", images))
+        cells = frame.drop_duplicates(["target", "draft", "variant"])
+        return {
+            "name": name,
+            "cells": len(cells),
+            "failed": int((cells["status"] == "failed").sum()),
+            "rows": len(frame),
+            "plots": sorted(images.values()),
+        }
+
+    return Recipe("results", {"name": name, "rows": rows}, (), build, code=__name__)
