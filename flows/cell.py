@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from sd2_core.artifacts import find_artifact
 from sd2_core.config import CellConfig
+from sd2_core.placement import check_placements
 from sd2_core.reporting import cell_markdown, cell_summary
 from sd2_core.store import ArtifactRef, Store
 from tasks.stage_tasks import (
@@ -82,6 +83,7 @@ def mal_stage(config: CellConfig, refs: dict[str, ArtifactRef], draft: str, run_
 @flow(name="sd2-cell", flow_run_name="cell-{config.draft}-{config.variant}")
 def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B008 - the UI form's default
     """One draft × variant cell against one target; returns the cell's summary record."""
+    check_placements(config)
     store = config.store
     refs = target_stages(config)
     refs["draft"] = (

@@ -27,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.cell import cell_flow, distill_flow
 from sd2_core.config import CellConfig, GridConfig
+from sd2_core.placement import check_placements
 from sd2_core.reporting import cell_rows, failed_rows, json_rows, results_frame, summary_markdown
 from sd2_core.store import Store
 from tasks.stage_tasks import results_task, run_stage
@@ -73,6 +74,8 @@ def sweep_flow(grid: GridConfig = GridConfig()) -> Any:  # noqa: B008 - the UI f
     started = time.time()
     logger = get_run_logger()
     cells = grid.cells()
+    for cell in cells:
+        check_placements(cell)
     logger.info("sweep %s: %d cells (%s), concurrency %d", grid.name, len(cells), grid.profile, grid.concurrency)
     progress = create_progress_artifact(0.0, key="sd2-sweep-progress", description=f"sweep {grid.name}: 0 cells done")
 

@@ -39,14 +39,20 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def _base_config(args: argparse.Namespace):
-    from sd2_core.config import CellConfig, profile
+    """The profile's or the config file's cell, with --device/--dtype; its devices checked before any work."""
+    from sd2_core.config import CellConfig, profile, with_placement
+    from sd2_core.placement import check_placements
 
     if getattr(args, "config", None):
         try:
-            return CellConfig.model_validate_json(Path(args.config).read_text())
+            cell = CellConfig.model_validate_json(Path(args.config).read_text())
         except FileNotFoundError:
             raise UserError(f"config file {args.config!r} does not exist") from None
-    return profile(args.profile)
+    else:
+        cell = profile(args.profile)
+    cell = with_placement(cell, args.device, args.dtype)
+    check_placements(cell)
+    return cell
 
 
 def _store(args: argparse.Namespace, base) -> Any:
@@ -201,7 +207,7 @@ def _parse_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
 def _grid(args: argparse.Namespace):
     """The sweep's grid: an earlier run's, a config file's or the default, with the command line's changes, validated
     once (so that `--profile smoke` alone also means the smoke profile's models)."""
-    from sd2_core.config import GridConfig
+    from sd2_core.config import GridConfig, merge_settings, placement_overrides
 
     raw: dict[str, Any] = {}
     if args.rerun_failed:
@@ -226,18 +232,22 @@ def _grid(args: argparse.Namespace):
         "concurrency": args.concurrency,
     }
     raw = {**raw, **{k: v for k, v in changes.items() if v is not None}}
-    if args.set:
-        raw["overrides"] = {**raw.get("overrides", {}), **_parse_sets(args.set)}
+    overrides = merge_settings(placement_overrides(args.device, args.dtype), _parse_sets(args.set))
+    if overrides:
+        raw["overrides"] = merge_settings(raw.get("overrides", {}), overrides)
     return GridConfig.model_validate(raw)
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from sd2.prefect_server import prefect_api
+    from sd2_core.placement import check_placements
 
     # --rerun-failed reads the earlier run's grid from the API: one server for that and the sweep (the inner
     # prefect_api() then reuses it); otherwise a bad grid is refused before any server starts
     with prefect_api() if args.rerun_failed else contextlib.nullcontext():
         grid = _grid(args)
+        for cell in grid.cells():
+            check_placements(cell)
         from flows.sweep import sweep_flow
 
         with prefect_api():
@@ -281,10 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.add_argument("-v", "--verbose", action="store_true", help="sd2 at DEBUG, other libraries at INFO")
 
+    def placement(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", help="every stage's device: auto, cpu, cuda or cuda:N (default: the profile's)")
+        p.add_argument(
+            "--dtype",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="every stage's precision (default: the profile's; cpu and smoke: float32, paper: bfloat16)",
+        )
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "paper"], help="default settings")
         p.add_argument("--config", help="a CellConfig JSON file instead of a profile")
         p.add_argument("--store", help="artifact store: local folder or s3://bucket/prefix (default ./sd2-store)")
+        placement(p)
         output(p)
 
     p = sub.add_parser("distill", help="the target rewrites one source's answers (self-data distillation)")
@@ -316,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distilled", nargs="+", required=True, help="distill artifacts: distill/<key> ...")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (default: paper's Appendix A value)")
+    p.add_argument("--lr", type=float, help="learning rate (default: by draft size and sparsity)")
     p.add_argument("--max-seq-len", type=int)
     p.add_argument("--mix", help="source weights, e.g. general=0.75,translation=0.125,math=0.125")
     p.add_argument("--seed", type=int)
@@ -351,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="cells at the same time (default 1)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="stage override, repeatable")
     p.add_argument("--rerun-failed", metavar="RUN", help="flow run name or id of an earlier sweep: run its grid again")
+    placement(p)
     output(p)
     p.set_defaults(fn=cmd_sweep)
 

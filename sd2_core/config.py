@@ -19,6 +19,7 @@ from sd2_core.errors import UserError
 SourceKind = Literal["general", "translation", "math"]
 Backend = Literal["transformers", "vllm"]
 ProfileName = Literal["smoke", "cpu", "paper"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 PruneMethod = Literal["sparsegpt", "layer", "none"]
 VARIANTS_HELP = (
     "dense (no pruning), layer-P (drop P % of the decoder blocks by angular distance), sgpt-P (SparseGPT at P % "
@@ -38,6 +39,22 @@ def canonical_json(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+class _Placed(_Frozen):
+    """A stage that loads models: where it computes and in which precision (resolved by sd2_core.placement)."""
+
+    device: str = Field("cpu", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    dtype: DtypeName = Field(
+        "float32", description="auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16 or float16"
+    )
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: object) -> str:
+        from sd2_core.placement import parse_device
+
+        return parse_device(str(value))
+
+
 class SourceSpec(_Frozen):
     """One distillation source: which kind of data, where it comes from, how many rows."""
 
@@ -51,7 +68,7 @@ class SourceSpec(_Frozen):
     seed: int = Field(0, description="seed of the shuffle that picks the rows")
 
 
-class DistillConfig(_Frozen):
+class DistillConfig(_Placed):
     """Self-data distillation: the target rewrites reference answers in its own words."""
 
     max_new_tokens: int = Field(128, ge=1, description="longest distilled answer, in tokens")
@@ -73,7 +90,7 @@ class CalibrationConfig(_Frozen):
     seed: int = Field(0, description="seed that picks the text windows")
 
 
-class PruneConfig(_Frozen):
+class PruneConfig(_Placed):
     """One-shot pruning of the draft: SparseGPT on its decoder Linear layers, layer pruning, or none (dense)."""
 
     method: PruneMethod = Field(
@@ -139,7 +156,7 @@ def variant_prune(name: str, base: PruneConfig | None = None) -> PruneConfig:
     return PruneConfig.model_validate({**base.model_dump(), "method": methods[kind], "sparsity": sparsity})
 
 
-class FinetuneConfig(_Frozen):
+class FinetuneConfig(_Placed):
     """Sparse fine-tuning on the distilled mix with the pruning masks fixed."""
 
     mix: dict[str, float] = Field(
@@ -147,7 +164,16 @@ class FinetuneConfig(_Frozen):
         description="sampling weight of each distilled source (paper: 75/12.5/12.5)",
     )
     steps: int = Field(40, ge=1, description="optimizer steps")
-    batch_size: int = Field(4, ge=1, description="sequences per step")
+    batch_size: int = Field(4, ge=1, description="sequences per optimizer step")
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="sequences per forward/backward pass; the step accumulates gradients over batch_size / "
+        "micro_batch_size passes (None = the whole batch at once). Same result, less memory.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory for long sequences, ~30 % slower"
+    )
     max_seq_len: int = Field(384, ge=16, description="tokens per training sequence (longer ones are cut)")
     learning_rate: float | None = Field(
         None, gt=0.0, description="None = the project's default for the draft's size and sparsity (learning_rates.py)"
@@ -156,8 +182,17 @@ class FinetuneConfig(_Frozen):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     seed: int = Field(0, description="seed of data order and dropout")
 
+    @model_validator(mode="after")
+    def _micro_divides(self) -> FinetuneConfig:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise UserError(
+                f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}; "
+                f"valid: a divisor of {self.batch_size}"
+            )
+        return self
 
-class MalConfig(_Frozen):
+
+class MalConfig(_Placed):
     """Mean Accepted Length measurement with greedy top-1 verification."""
 
     k: int = Field(5, ge=1, description="draft tokens proposed per verification step")
@@ -209,6 +244,10 @@ PROFILE_MODELS = {"smoke": "tiny-random-llama", "cpu": "smollm2-135m-instruct", 
 PROFILE_MODELS_HELP = ", ".join(f"{k}: {v}" for k, v in PROFILE_MODELS.items())
 
 
+# The paper profile's placement of every stage; smoke and cpu keep the defaults (cpu, float32).
+GPU = {"device": "cuda", "dtype": "bfloat16"}
+
+
 def profile(name: str, **overrides: object) -> CellConfig:
     """The named profile's cell config, with top-level fields overridden."""
     if name == "smoke":
@@ -239,13 +278,16 @@ def profile(name: str, **overrides: object) -> CellConfig:
                 SourceSpec(kind="translation", uri="hf:Helsinki-NLP/opus-100:en-de", limit=16_000),
                 SourceSpec(kind="math", uri="hf:openai/gsm8k:main", limit=7_473),
             ),
-            distill=DistillConfig(max_new_tokens=4096, batch_size=64, backend="vllm"),
+            distill=DistillConfig(max_new_tokens=4096, batch_size=64, backend="vllm", **GPU),
             prune=PruneConfig(
                 # the paper calibrates on DCLM; the shipped text is far too short for 128 x 2048 tokens
-                calibration=CalibrationConfig(uri="hf:mlfoundations/dclm-baseline-1.0", n_samples=128, seq_len=2048)
+                calibration=CalibrationConfig(uri="hf:mlfoundations/dclm-baseline-1.0", n_samples=128, seq_len=2048),
+                **GPU,
             ),
-            finetune=FinetuneConfig(steps=16_000, batch_size=8, max_seq_len=4096),
-            mal=MalConfig(max_new_tokens=1024),
+            finetune=FinetuneConfig(
+                steps=16_000, batch_size=8, micro_batch_size=1, max_seq_len=8192, gradient_checkpointing=True, **GPU
+            ),
+            mal=MalConfig(max_new_tokens=1024, **GPU),
         )
     else:
         raise UserError(f"unknown profile {name!r}; valid profiles: smoke, cpu, paper")
@@ -253,11 +295,28 @@ def profile(name: str, **overrides: object) -> CellConfig:
 
 
 OVERRIDABLE = ("sources", "distill", "prune", "finetune", "mal")
+PLACED = ("distill", "prune", "finetune", "mal")  # the stages that load models, each with device and dtype
 
 
-def _merge(base: object, change: object) -> object:
+def placement_overrides(device: str | None = None, dtype: str | None = None) -> dict[str, dict[str, str]]:
+    """One device/dtype for every stage that loads models, as stage overrides (None = keep the profile's)."""
+    change = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return {stage: dict(change) for stage in PLACED} if change else {}
+
+
+def with_placement(cell: CellConfig, device: str | None = None, dtype: str | None = None) -> CellConfig:
+    """`cell` with every model-loading stage on `device` in `dtype` (None = keep the profile's)."""
+    changes = placement_overrides(device, dtype)
+    if not changes:
+        return cell
+    data = cell.model_dump(mode="json")
+    return CellConfig.model_validate({**data, **{k: {**data[k], **v} for k, v in changes.items()}})
+
+
+def merge_settings(base: object, change: object) -> object:
+    """`change` laid over `base`, nested dicts merged key by key (the way stage overrides apply)."""
     if isinstance(base, dict) and isinstance(change, dict):
-        return {k: _merge(base.get(k), v) if k in base else v for k, v in {**base, **change}.items()}
+        return {k: merge_settings(base.get(k), v) if k in base else v for k, v in {**base, **change}.items()}
     return change
 
 
@@ -320,7 +379,7 @@ class GridConfig(_Frozen):
     def base_cell(self, target: str) -> CellConfig:
         """The profile's cell for one target, with the overrides applied (what its distillation depends on)."""
         base = profile(self.profile).model_dump(mode="json")
-        merged = {k: _merge(base[k], self.overrides[k]) if k in self.overrides else base[k] for k in base}
+        merged = {k: merge_settings(base[k], self.overrides[k]) if k in self.overrides else base[k] for k in base}
         return CellConfig.model_validate({**merged, "target": target, "draft": target, "store": self.store})
 
     def cells(self) -> list[CellConfig]:

@@ -145,13 +145,16 @@ def distill_recipe(store: Store, target: ArtifactRef, source: SourceSpec, cfg: D
     from sd2_core.data.sources import load_source
     from sd2_core.generation import make_generator
     from sd2_core.models import load_artifact
+    from sd2_core.placement import placement_of
+
+    placement = placement_of(cfg)
 
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
         rows = load_source(source)
         if cfg.backend == "vllm":  # vLLM loads the weights itself: no second copy in this process
             generator = make_generator("vllm", model_path=store.local_dir(target))
         else:
-            model, tokenizer = load_artifact(store, target)
+            model, tokenizer = load_artifact(store, target, placement.dtype, placement.device)
             generator = make_generator(cfg.backend, model=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         distilled, stats = distill_rows(generator, rows, cfg, progress=progress)
         with open(out / "data.jsonl", "w") as fh:
@@ -162,7 +165,8 @@ def distill_recipe(store: Store, target: ArtifactRef, source: SourceSpec, cfg: D
 
     config = {
         "source": source.model_dump(mode="json"),
-        "distill": cfg.model_dump(mode="json"),
+        "distill": cfg.model_dump(mode="json", exclude={"device", "dtype"}),
+        "placement": placement.identity,
         **data_identity(source.uri),
     }
     return Recipe("distill", config, (target,), build, code=__name__)

@@ -32,7 +32,8 @@ from sd2_core.chat import IGNORE_INDEX, tokenize_chat_example
 from sd2_core.config import FinetuneConfig
 from sd2_core.errors import UserError
 from sd2_core.learning_rates import default_learning_rate
-from sd2_core.models import count_parameters, load_artifact, save_model
+from sd2_core.models import count_parameters, load_artifact, save_model, stored_parameters
+from sd2_core.placement import Placement, check_fits, placement_of
 from sd2_core.pruning.structure import measure_sparsity, nonzero_masks, params_summary
 from sd2_core.store import ArtifactRef, Store
 
@@ -104,6 +105,28 @@ def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device: torch
 # ---------------------------------------------------------------- training
 
 
+def _step_loss(model, batch: dict[str, Tensor], micro: int, placement: Placement) -> Tensor:
+    """Forward and backward of one optimizer step's batch in micro-batches of `micro` sequences.
+
+    Each micro-batch's mean token loss is weighted by its share of the step's label tokens, so the
+    accumulated gradient equals the whole batch's (up to float rounding) however the batch is cut.
+    Returns the step's mean token loss (detached).
+    """
+    labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)  # tokens each row's loss averages over
+    total = int(labelled.sum())
+    step_loss = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
+    for start in range(0, batch["input_ids"].shape[0], micro):
+        part = {k: v[start : start + micro] for k, v in batch.items()}
+        share = int(labelled[start : start + micro].sum()) / total
+        if share == 0:
+            continue
+        with placement.autocast():
+            loss = model(**part).loss.float()
+        (loss * share).backward()
+        step_loss += loss.detach() * share
+    return step_loss
+
+
 def finetune_sparse(
     model,
     tokenizer,
@@ -119,7 +142,9 @@ def finetune_sparse(
     ``masks`` (module name -> bool keep-mask) default to the current non-zeros of the decoder
     Linear weights. The learning rate is ``cfg.learning_rate``, else the size/sparsity default of
     ``default_learning_rate`` (``num_params_for_lr`` defaults to the model's parameter count).
-    Returns per-step losses and throughput; the model is left in eval mode.
+    The model's own weights are the master weights (float32 when loaded by the stage); a bfloat16 or
+    float16 ``cfg.dtype`` trains under autocast to it. Returns per-step losses and throughput; the model
+    is left in eval mode.
     """
     rows: list[tuple[list[int], list[int]]] = []
     skipped = 0
@@ -156,6 +181,11 @@ def finetune_sparse(
 
     fixed = _resolve_masks(model, nonzero_masks(model) if masks is None else masks)
     device = next(model.parameters()).device
+    placement = Placement(device, placement_of(cfg).dtype)  # the precision asked for, where the model is
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+        model.config.use_cache = False
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -186,8 +216,7 @@ def finetune_sparse(
             model.train()
             for step, indices in enumerate(plan):
                 batch = _collate([rows[i] for i in indices], pad_id, device)
-                loss = model(**batch).loss
-                loss.backward()
+                loss = _step_loss(model, batch, micro, placement)
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], MAX_GRAD_NORM)
                 optimizer.step()
                 scheduler.step()
@@ -204,6 +233,9 @@ def finetune_sparse(
     finally:
         for handle in hooks:
             handle.remove()
+        if cfg.gradient_checkpointing:
+            model.activation_checkpointing_disable()
+            model.config.use_cache = True
         model.eval()
     seconds = time.perf_counter() - start
     return {
@@ -222,6 +254,8 @@ def finetune_recipe(store: Store, draft: ArtifactRef, distilled: list[ArtifactRe
     from sd2_core.data.mixing import mix_examples
     from sd2_core.data.sources import read_records
 
+    placement = placement_of(cfg)  # refuses a device this machine lacks before anything loads
+
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
         sources: dict[str, list[dict[str, Any]]] = {}
         for ref in distilled:
@@ -229,7 +263,15 @@ def finetune_recipe(store: Store, draft: ArtifactRef, distilled: list[ArtifactRe
             sources[kind] = read_records(store.local_dir(ref) / "data.jsonl")
         weights = {k: w for k, w in cfg.mix.items() if k in sources or w > 0}
         examples = mix_examples(sources, weights, cfg.steps * cfg.batch_size, cfg.seed)
-        model, tokenizer = load_artifact(store, draft)
+        # weights, gradients and AdamW's two moments, all float32: four copies of the draft on the device
+        check_fits(
+            f"fine-tuning the draft {draft.key}",
+            stored_parameters(store.local_dir(draft)),
+            torch.float32,
+            [placement.device],
+            factor=4,
+        )
+        model, tokenizer = load_artifact(store, draft, dtype=torch.float32, device=placement.device)
         before = measure_sparsity(model)
         result = finetune_sparse(
             model,
@@ -251,4 +293,5 @@ def finetune_recipe(store: Store, draft: ArtifactRef, distilled: list[ArtifactRe
             "tokens_per_second": result["tokens_per_second"],
         }
 
-    return Recipe("finetune", cfg.model_dump(mode="json"), (draft, *distilled), build, code=__name__)
+    config = {**cfg.model_dump(mode="json", exclude={"device", "dtype"}), "placement": placement.identity}
+    return Recipe("finetune", config, (draft, *distilled), build, code=__name__)

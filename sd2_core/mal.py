@@ -21,6 +21,7 @@ from sd2_core.artifacts import Progress, Recipe, data_identity, write_json
 from sd2_core.chat import chat_input_ids, model_eos_ids
 from sd2_core.config import MalConfig
 from sd2_core.errors import UserError
+from sd2_core.placement import Placement, placement_of
 from sd2_core.specdec import ModelDrafter, greedy_generate, speculative_generate
 from sd2_core.store import ArtifactRef, Store
 
@@ -179,13 +180,21 @@ def _prompts(cfg: MalConfig) -> list[PromptItem]:
     return load_prompts(cfg.prompts, per_category=cfg.per_category)
 
 
+def _load_target(store: Store, target: ArtifactRef, placement: Placement):
+    """The target on the placement's device; on CUDA spread over every visible GPU if one is not enough
+    (the draft goes to the placement's device, the first GPU)."""
+    from sd2_core.models import load_artifact
+
+    return load_artifact(store, target, placement.dtype, placement.device, split=placement.device.type == "cuda")
+
+
 def reference_recipe(store: Store, target: ArtifactRef, cfg: MalConfig) -> Recipe:
     """The `reference` stage: the target's own greedy outputs, shared by every MAL measurement against it."""
-    from sd2_core.models import load_artifact
+    placement = placement_of(cfg)
 
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
         prompts = _prompts(cfg)
-        model, tokenizer = load_artifact(store, target)
+        model, tokenizer = _load_target(store, target, placement)
         start = time.time()
         reference = greedy_reference(model, tokenizer, prompts, cfg.max_new_tokens, progress=progress)
         tokens = sum(len(t) for turns in reference.values() for t in turns)
@@ -197,6 +206,7 @@ def reference_recipe(store: Store, target: ArtifactRef, cfg: MalConfig) -> Recip
         "prompts": cfg.prompts,
         "per_category": cfg.per_category,
         "max_new_tokens": cfg.max_new_tokens,
+        "placement": placement.identity,
         **data_identity(cfg.prompts),
     }
     return Recipe("reference", config, (target,), build, code=__name__)
@@ -208,11 +218,13 @@ def mal_recipe(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: Artif
     from sd2_core.macs import cost_ratio, improvement_factor
     from sd2_core.models import load_artifact
 
+    placement = placement_of(cfg)
+
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
         prompts = _prompts(cfg)
         reference = json.loads(store.read_text(ref, "reference.json"))
-        target_model, tokenizer = load_artifact(store, target)
-        draft_model, draft_tokenizer = load_artifact(store, draft)
+        target_model, tokenizer = _load_target(store, target, placement)
+        draft_model, draft_tokenizer = load_artifact(store, draft, placement.dtype, placement.device)
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(
                 f"draft {draft.summary.get('ref', draft.uri)} and target {target.summary.get('ref', target.uri)} "
@@ -240,5 +252,9 @@ def mal_recipe(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: Artif
             "tokens": result["tokens"],
         }
 
-    config = {**cfg.model_dump(mode="json"), **data_identity(cfg.prompts)}
+    config = {
+        **cfg.model_dump(mode="json", exclude={"device", "dtype"}),
+        "placement": placement.identity,
+        **data_identity(cfg.prompts),
+    }
     return Recipe("mal", config, (target, draft, ref), build, code=__name__)

@@ -24,6 +24,7 @@ import torch
 
 from sd2_core.artifacts import Progress, Recipe
 from sd2_core.errors import UserError
+from sd2_core.placement import check_fits, cuda_devices
 from sd2_core.store import Store, cache_root, file_sha256
 
 log = logging.getLogger(__name__)
@@ -211,14 +212,38 @@ def resolve_local_or_hub(ref: str) -> Path:
     )
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32):
-    """Load a causal LM from a local HF folder in eval mode."""
+def stored_parameters(path: Path) -> int:
+    """Parameter count of a model folder, from its safetensors header alone (nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            total += int(torch.Size(shape).numel())
+    return total
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", split: bool = False):
+    """Load a causal LM from a local HF folder in eval mode, in `dtype` on `device`.
+
+    `split=True` spreads the layers over every visible GPU (accelerate's device map) for a model larger than
+    one GPU. Refuses, before loading, a model whose weights cannot fit in the memory free there.
+    """
     from transformers import AutoModelForCausalLM
 
+    device = torch.device(device)
+    devices = [torch.device("cuda", i) for i in range(cuda_devices())] if split and device.type == "cuda" else [device]
+    check_fits(f"model {path.name}", stored_parameters(path), dtype, devices)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if len(devices) > 1:
+        kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a causal LM from {path}: {exc}") from None
+    if len(devices) == 1:
+        model.to(device)
     model.eval()
     return model
 
@@ -296,7 +321,9 @@ def model_recipe(store: Store, ref: str) -> Recipe:
     return Recipe("model", config, (), build, code=__name__)
 
 
-def load_artifact(store: Store, ref) -> tuple[Any, Any]:
-    """(model, tokenizer) of a model-holding artifact (model, prune, layerprune, finetune)."""
+def load_artifact(
+    store: Store, ref, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", split: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a model-holding artifact (model, prune, layerprune, finetune); see `load_model`."""
     path = store.local_dir(ref)
-    return load_model(path), load_tokenizer(path)
+    return load_model(path, dtype, device, split), load_tokenizer(path)

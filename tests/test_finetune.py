@@ -232,6 +232,65 @@ def test_same_seed_same_run(new_model, chat_tokenizer):
     assert runs[0] == runs[1]
 
 
+def _decoder_weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in decoder_linears(model).items()}
+
+
+def test_micro_batches_accumulate_to_the_whole_batch(new_model, chat_tokenizer):
+    """Rows of different lengths: token-weighted accumulation over micro-batches of 1 equals one pass of 4."""
+    runs = []
+    for micro in (None, 1, 2):
+        model = new_model()
+        magnitude_prune_half(model)
+        cfg = FinetuneConfig(steps=3, batch_size=4, micro_batch_size=micro, max_seq_len=128, learning_rate=1e-2)
+        runs.append((finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg)["losses"], _decoder_weights(model)))
+    (whole_losses, whole), *parts = runs
+    for losses, weights in parts:
+        assert losses == pytest.approx(whole_losses, rel=1e-5)
+        for name, weight in weights.items():
+            torch.testing.assert_close(weight, whole[name], rtol=1e-4, atol=1e-5)  # Adam magnifies rounding
+            assert torch.equal(weight == 0, whole[name] == 0), f"{name}: another mask"
+
+
+def test_gradient_checkpointing_gives_the_same_run(new_model, chat_tokenizer):
+    runs = []
+    for checkpointing in (False, True):
+        model = new_model()
+        cfg = FinetuneConfig(
+            steps=3, batch_size=2, max_seq_len=128, learning_rate=1e-2, gradient_checkpointing=checkpointing
+        )
+        runs.append((finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg)["losses"], model))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    assert not runs[1][1].is_activation_checkpointing and runs[1][1].config.use_cache
+
+
+def test_bfloat16_autocast_on_cpu_keeps_float32_masters_and_zeros(new_model, chat_tokenizer):
+    model = new_model()
+    keeps = magnitude_prune_half(model)
+    cfg = FinetuneConfig(steps=6, batch_size=2, max_seq_len=128, learning_rate=5e-3, device="cpu", dtype="bfloat16")
+    result = finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg)
+    fp32 = finetune_sparse(new_model(), chat_tokenizer, EXAMPLES, cfg.model_copy(update={"dtype": "float32"}))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for name, module in decoder_linears(model).items():
+        assert torch.count_nonzero(module.weight.detach()[~keeps[name]]) == 0
+    # bf16 arithmetic is visible in the losses, yet it trains the same model to about the same loss
+    assert result["losses"] != fp32["losses"]
+    assert result["losses"][0] == pytest.approx(fp32["losses"][0], rel=0.05)
+
+
+def test_micro_batch_must_divide_the_batch():
+    with pytest.raises(ValueError, match="micro_batch_size 3 does not divide batch_size 4"):
+        FinetuneConfig(batch_size=4, micro_batch_size=3)
+
+
+def test_cuda_on_a_machine_without_it_is_refused_before_training(new_model, chat_tokenizer):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    cfg = FinetuneConfig(steps=1, batch_size=1, max_seq_len=64, learning_rate=1e-3, device="cuda")
+    with pytest.raises(UserError, match="needs CUDA, and this machine has no CUDA device"):
+        finetune_sparse(new_model(), chat_tokenizer, EXAMPLES, cfg)
+
+
 def test_learning_rate_defaults_to_the_table(new_model, chat_tokenizer):
     model = new_model()
     cfg = FinetuneConfig(steps=1, batch_size=1, max_seq_len=128)

@@ -104,6 +104,17 @@ def _layer_hessians(
     return accumulators
 
 
+def _to(device: torch.device, value: Any) -> Any:
+    """A captured layer argument (tensor, or tuple/list/dict of them, e.g. rotary (cos, sin)) on `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(device, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(device, v) for k, v in value.items()}
+    return value
+
+
 def _check_inputs(input_ids: Tensor, attention_mask: Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] < 1:
         raise UserError(f"input_ids must be [N, L] with N >= 1, got shape {tuple(input_ids.shape)}")
@@ -123,12 +134,15 @@ def prune_model(
     blocksize: int = 128,
     percdamp: float = 0.01,
     progress: Progress | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Prune every decoder Linear of ``model`` in place with SparseGPT, one decoder layer after another.
 
     ``input_ids``/``attention_mask`` [N, L] are the calibration batch; pad positions (mask 0) never enter
-    a Hessian. Returns a JSON-able report: target label, per-module {sparsity, damp_used, retries, error},
-    overall decoder-Linear sparsity, seconds.
+    a Hessian. The model stays where it is; with ``device`` (e.g. a GPU) each layer moves there for its
+    Hessians (always float32) and its solve, then back, so only one layer and the calibration activations
+    occupy the device. Returns a JSON-able report: target label, per-module {sparsity, damp_used, retries,
+    error}, overall decoder-Linear sparsity, seconds.
     """
     spec = parse_sparsity(spec)
     layers = require_decoder_layers(model)
@@ -144,11 +158,16 @@ def prune_model(
     model.eval()
     try:
         with torch.no_grad():
-            hidden, calls = _capture_layer_calls(model, layers, input_ids, attention_mask)
+            home = next(model.parameters()).device
+            work = torch.device(device) if device is not None else home
+            hidden, calls = _capture_layer_calls(model, layers, input_ids, attention_mask)  # where the model is
+            hidden, mask = _to(work, hidden), attention_mask.to(work)
             for index, layer in enumerate(layers):
                 prefix = names[id(layer)]
+                layer.to(work)
+                layer_calls = _to(work, calls[index])
                 linears = decoder_linears(layer)
-                hessians = _layer_hessians(layer, linears, hidden, calls[index], attention_mask)
+                hessians = _layer_hessians(layer, linears, hidden, layer_calls, mask)
                 for name, linear in linears.items():
                     full = f"{prefix}.{name}"
                     result = sparsegpt_prune(
@@ -163,7 +182,8 @@ def prune_model(
                     }
                 del hessians
                 # the pruned layer's outputs are what the next layer will see at inference
-                hidden = [as_hidden(layer(h, *a, **kw)) for h, (a, kw) in zip(hidden, calls[index], strict=True)]
+                hidden = [as_hidden(layer(h, *a, **kw)) for h, (a, kw) in zip(hidden, layer_calls, strict=True)]
+                layer.to(home)
                 log.info("pruned decoder layer %d/%d (%s) to %s", index + 1, len(layers), prefix, spec.label)
                 if progress is not None:
                     progress(index + 1, len(layers), f"pruned {prefix} to {spec.label}")

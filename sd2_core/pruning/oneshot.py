@@ -16,16 +16,25 @@ from sd2_core.artifacts import Progress, Recipe, data_identity, write_json
 from sd2_core.config import PruneConfig
 from sd2_core.errors import UserError
 from sd2_core.models import load_artifact, save_model
+from sd2_core.placement import Placement, placement_of
 from sd2_core.pruning.sparsity import parse_sparsity
 from sd2_core.pruning.structure import decoder_linears, measure_sparsity, params_summary
 from sd2_core.store import ArtifactRef, Store
 
 
-def _draft_and_calibration(store: Store, draft: ArtifactRef, cfg: PruneConfig):
+def _draft_and_calibration(store: Store, draft: ArtifactRef, cfg: PruneConfig, placement: Placement, device):
     from sd2_core.data.calibration import load_calibration
 
-    model, tokenizer = load_artifact(store, draft)
+    model, tokenizer = load_artifact(store, draft, placement.dtype, device)
     return model, tokenizer, *load_calibration(tokenizer, cfg.calibration)
+
+
+def _key_config(cfg: PruneConfig, placement: Placement, *fields: str) -> dict[str, Any]:
+    """The key's config: the given fields (all but method/device/dtype when none), the resolved placement,
+    and the calibration data's identity."""
+    dumped = cfg.model_dump(mode="json", exclude={"method", "device", "dtype"})
+    chosen = {k: dumped[k] for k in fields} if fields else dumped
+    return {**chosen, "placement": placement.identity, **data_identity(cfg.calibration.uri)}
 
 
 def prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
@@ -35,11 +44,20 @@ def prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
     if cfg.method != "sparsegpt":
         raise UserError(f"prune runs SparseGPT; method {cfg.method!r} belongs to another stage (see variant_prune)")
     spec = parse_sparsity(cfg.sparsity)
+    placement = placement_of(cfg)
 
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
-        model, tokenizer, input_ids, attention_mask = _draft_and_calibration(store, draft, cfg)
+        # the draft stays on the CPU; one layer at a time goes to the placement's device
+        model, tokenizer, input_ids, attention_mask = _draft_and_calibration(store, draft, cfg, placement, "cpu")
         report = prune_model(
-            model, input_ids, attention_mask, spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp, progress=progress
+            model,
+            input_ids,
+            attention_mask,
+            spec,
+            blocksize=cfg.blocksize,
+            percdamp=cfg.percdamp,
+            progress=progress,
+            device=placement.device,
         )
         sparsity = measure_sparsity(model)
         save_model(model, tokenizer, out)
@@ -51,8 +69,7 @@ def prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
         }
 
     # The stage is SparseGPT: `method` is implied by it and stays out of the key.
-    config = {**cfg.model_dump(mode="json", exclude={"method"}), **data_identity(cfg.calibration.uri)}
-    return Recipe("prune", config, (draft,), build, code=__name__)
+    return Recipe("prune", _key_config(cfg, placement), (draft,), build, code=__name__)
 
 
 def layer_prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
@@ -62,9 +79,13 @@ def layer_prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Re
     if cfg.method != "layer":
         raise UserError(f"layer_prune drops decoder blocks; method {cfg.method!r} belongs to another stage")
     fraction = parse_sparsity(cfg.sparsity).fraction
+    placement = placement_of(cfg)
 
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
-        model, tokenizer, input_ids, attention_mask = _draft_and_calibration(store, draft, cfg)
+        # forward passes only: the whole draft on the device
+        model, tokenizer, input_ids, attention_mask = _draft_and_calibration(
+            store, draft, cfg, placement, placement.device
+        )
         linear_before = sum(m.weight.numel() for m in decoder_linears(model).values())
         if progress:
             progress(0, 1, "measuring angular distances between blocks")
@@ -83,9 +104,4 @@ def layer_prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Re
             "num_layers_after": report["num_layers_after"],
         }
 
-    config = {
-        "sparsity": cfg.sparsity,
-        "calibration": cfg.calibration.model_dump(mode="json"),
-        **data_identity(cfg.calibration.uri),
-    }
-    return Recipe("layerprune", config, (draft,), build, code=__name__)
+    return Recipe("layerprune", _key_config(cfg, placement, "sparsity", "calibration"), (draft,), build, code=__name__)
