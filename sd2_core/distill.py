@@ -4,7 +4,12 @@ As in self-distillation fine-tuning (SDFT), the target sees the instruction toge
 reference answer and is asked for its own answer; the training row keeps only the plain instruction and
 that answer, so the draft learns the target's distribution rather than the dataset author's. Answers
 that talk about the prompt itself ("the reference answer says...") or come out empty are replaced by
-the original reference, as SDFT does. `distill_recipe` is the `distill` stage.
+the original reference, as SDFT does. So are two more kinds of answer the draft must not learn as the
+target's: one cut off at `max_new_tokens` (it would teach the draft to stop mid-sentence — counted as
+`truncated`), and a math answer whose final number differs from the reference's (a wrong solution —
+counted as `math_mismatch`). Falling back to the reference rather than dropping the row keeps the mix's
+proportions and every instruction; the row's `distilled: false` and the counts say how often it happened.
+`distill_recipe` is the `distill` stage.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from sd2_core.artifacts import Progress, Recipe, data_identity, write_json
 from sd2_core.config import DistillConfig, SourceSpec
+from sd2_core.data.answers import same_final_number
 from sd2_core.errors import UserError
 from sd2_core.generation import Generator
 from sd2_core.store import ArtifactRef, Store
@@ -75,6 +81,22 @@ def leaks_prompt(text: str, instruction: str = "") -> bool:
     return any(marker in lowered and marker not in asked for marker in LEAK_MARKERS)
 
 
+REASONS = ("empty", "truncated", "leaks", "math_mismatch")
+
+
+def rejection(row: dict[str, Any], answer: str, finished: bool) -> str | None:
+    """Why a distilled answer must not be trained on as the target's (one of REASONS), or None to keep it."""
+    if not answer:
+        return "empty"
+    if not finished:
+        return "truncated"
+    if leaks_prompt(answer, row["instruction"]):
+        return "leaks"
+    if row.get("kind") == "math" and not same_final_number(answer, row["reference"]):
+        return "math_mismatch"
+    return None
+
+
 def distill_rows(
     generator: Generator,
     rows: list[dict[str, Any]],
@@ -83,11 +105,13 @@ def distill_rows(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Chat rows (user instruction, assistant answer by the target) for every source row, plus statistics.
 
-    `distilled` is False where the reference was kept (a leaking or empty answer). Batch k of the rows is
-    sampled with seed cfg.seed + k * cfg.batch_size, so a row's answer does not depend on batches before it.
+    `distilled` is False where the reference was kept (an empty, cut-off, leaking or wrong-math answer: see
+    `rejection`). Batch k of the rows is sampled with seed cfg.seed + k * cfg.batch_size, so a row's answer
+    does not depend on batches before it. `fallbacks` counts every row that kept its reference; `empty`,
+    `truncated`, `leaks` and `math_mismatch` say why.
     """
     out: list[dict[str, Any]] = []
-    stats = {"rows": len(rows), "distilled": 0, "fallbacks": 0, "empty": 0, "generated_tokens": 0}
+    stats = {"rows": len(rows), "distilled": 0, "fallbacks": 0, "generated_tokens": 0, **dict.fromkeys(REASONS, 0)}
     started = time.perf_counter()
     total = len(rows)
     if progress:
@@ -106,15 +130,13 @@ def distill_rows(
         for row, completion in zip(batch, completions, strict=True):
             stats["generated_tokens"] += completion.n_tokens
             answer = completion.text.strip()
-            if not answer:
-                stats["empty"] += 1
-                distilled = False
-            elif leaks_prompt(answer, row["instruction"]):
-                stats["fallbacks"] += 1
-                distilled = False
-            else:
+            reason = rejection(row, answer, completion.finished)
+            distilled = reason is None
+            if distilled:
                 stats["distilled"] += 1
-                distilled = True
+            else:
+                stats["fallbacks"] += 1
+                stats[reason] += 1
             out.append(
                 {
                     "id": row["id"],
@@ -133,9 +155,10 @@ def distill_rows(
     stats["seconds"] = round(seconds, 3)
     stats["tokens_per_second"] = round(stats["generated_tokens"] / seconds, 2) if seconds > 0 else 0.0
     log.info(
-        "distilled %d rows: %d by the target, %d leaking and %d empty answers replaced by the reference, "
-        "%d tokens in %.1f s",
-        total, stats["distilled"], stats["fallbacks"], stats["empty"], stats["generated_tokens"], seconds,
+        "distilled %d rows: %d by the target; the reference kept for %d empty, %d cut-off, %d leaking and %d "
+        "wrong-math answers; %d tokens in %.1f s",
+        total, stats["distilled"], stats["empty"], stats["truncated"], stats["leaks"], stats["math_mismatch"],
+        stats["generated_tokens"], seconds,
     )  # fmt: skip
     return out, stats
 

@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """One completion: its text (special tokens removed) and its length in tokens (EOS not counted)."""
+    """One completion: its text (special tokens removed), its length in tokens (EOS not counted), and whether
+    it ended by itself (an EOS) rather than being cut off at max_new_tokens."""
 
     text: str
     n_tokens: int
+    finished: bool
 
 
 class Generator(Protocol):
@@ -78,7 +80,7 @@ class TransformersGenerator:
         tokens = new_tokens.tolist()
         end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
         text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-        return GenerationOutput(text=text.strip(), n_tokens=end)
+        return GenerationOutput(text=text.strip(), n_tokens=end, finished=end < len(tokens))
 
     def generate(
         self, prompts: list[Messages], max_new_tokens: int, temperature: float, top_p: float, seed: int
@@ -159,7 +161,8 @@ class VllmGenerator:
             completion = result.outputs[0]
             tokens = list(completion.token_ids)
             n = len(tokens) - 1 if tokens and tokens[-1] in self.eos_ids else len(tokens)
-            outputs.append(GenerationOutput(text=completion.text.strip(), n_tokens=n))
+            finished = completion.finish_reason == "stop"  # "length": cut off at max_tokens
+            outputs.append(GenerationOutput(text=completion.text.strip(), n_tokens=n, finished=finished))
         return outputs
 
 

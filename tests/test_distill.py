@@ -135,7 +135,10 @@ def test_leaks_prompt():
 
 
 class ScriptedGenerator:
-    """A real (if trivial) Generator: answers from a script keyed by the request line, records its calls."""
+    """A real (if trivial) Generator: answers from a script keyed by the request line, records its calls.
+
+    A script value is the answer's text, or (text, finished) for an answer cut off at max_new_tokens.
+    """
 
     def __init__(self, script: dict[str, str]):
         self.script = script
@@ -147,8 +150,9 @@ class ScriptedGenerator:
         for messages in prompts:
             content = messages[-1]["content"]
             request = next(key for key in self.script if content.endswith(f"\n\n{key}"))
-            text = self.script[request]
-            outputs.append(GenerationOutput(text=text, n_tokens=len(text.split())))
+            answer = self.script[request]
+            text, finished = answer if isinstance(answer, tuple) else (answer, True)
+            outputs.append(GenerationOutput(text=text, n_tokens=len(text.split()), finished=finished))
         return outputs
 
 
@@ -177,7 +181,8 @@ def test_distill_rows_falls_back_to_the_reference_on_leaks_and_empty_answers():
         assert row["kind"] == "general"
         assert row["messages"][0] == {"role": "user", "content": source["instruction"]}
         assert row["messages"][1]["role"] == "assistant"
-    assert stats["rows"] == 5 and stats["distilled"] == 2 and stats["fallbacks"] == 2 and stats["empty"] == 1
+    assert stats["rows"] == 5 and stats["distilled"] == 2 and stats["fallbacks"] == 3
+    assert stats["leaks"] == 2 and stats["empty"] == 1 and stats["truncated"] == stats["math_mismatch"] == 0
     assert stats["generated_tokens"] == sum(len(t.split()) for t in script.values())
     assert stats["seconds"] >= 0 and stats["tokens_per_second"] >= 0
     assert generator.calls == [(2, 10), (2, 12), (1, 14)]
@@ -192,7 +197,7 @@ def test_distill_rows_with_a_real_model_is_reproducible(generator):
     assert out == again
     assert len(out) == 3 and stats["rows"] == 3
     assert 0 < stats["generated_tokens"] <= 3 * 6
-    assert stats["distilled"] + stats["fallbacks"] + stats["empty"] == 3
+    assert stats["distilled"] + stats["fallbacks"] == 3
     for row, source in zip(out, rows, strict=True):
         assert row["messages"][0]["content"] == source["instruction"]  # the reference never reaches the training row
         if not row["distilled"]:
