@@ -516,3 +516,31 @@ def test_prune_model_in_bfloat16(dense, corpus):
         assert_nm(linear.weight, 2, 4, name)
     with torch.no_grad():
         assert torch.isfinite(model(corpus[1]).logits).all()
+
+
+@pytest.mark.parametrize("spec", [HALF, TWO_FOUR], ids=["0.5", "2:4"])
+def test_shared_hessians_give_the_result_of_separate_ones(dense, corpus, spec):
+    """q/k/v (and gate/up) read one input: one Hessian and one inverse for the group, the same pruning."""
+    shared, separate = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = prune_model(shared, *padded_calibration(corpus), spec)
+    alone = prune_model(separate, *padded_calibration(corpus), spec, share_hessians=False)
+    assert report["shared_hessians"] == [
+        f"model.layers.{i}.{group}"
+        for i in range(2)
+        for group in ("self_attn.q_proj/self_attn.k_proj/self_attn.v_proj", "mlp.gate_proj/mlp.up_proj")
+    ]
+    assert alone["shared_hessians"] == []
+    theirs = decoder_linears(separate)
+    for name, linear in decoder_linears(shared).items():
+        assert torch.equal(linear.weight == 0, theirs[name].weight == 0), f"{name}: another mask"
+        torch.testing.assert_close(linear.weight, theirs[name].weight, rtol=1e-5, atol=1e-6)
+        assert report["per_module"][name]["damp_used"] == alone["per_module"][name]["damp_used"]
+
+
+def test_naming_the_device_the_model_is_on_changes_nothing(dense, corpus):
+    here, named = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune_model(here, *padded_calibration(corpus), HALF)
+    prune_model(named, *padded_calibration(corpus), HALF, device="cpu")
+    theirs = decoder_linears(named)
+    for name, linear in decoder_linears(here).items():
+        assert torch.equal(linear.weight, theirs[name].weight), name

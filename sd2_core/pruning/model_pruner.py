@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from sd2_core.artifacts import Progress
 from sd2_core.errors import UserError
-from sd2_core.pruning.sparsegpt import HessianAccumulator, sparsegpt_prune
+from sd2_core.pruning.sparsegpt import HessianAccumulator, prepare_hessian, sparsegpt_prune
 from sd2_core.pruning.sparsity import SparsitySpec, check_nm_width, parse_sparsity
 from sd2_core.pruning.structure import as_hidden, decoder_linears, measure_sparsity, require_decoder_layers
 
@@ -76,28 +76,69 @@ def _capture_layer_calls(model: nn.Module, layers: nn.ModuleList, input_ids: Ten
     return hidden0, calls
 
 
+def _shared_inputs(
+    layer: nn.Module, linears: dict[str, nn.Linear], hidden: Tensor, call: tuple[tuple, dict[str, Any]]
+) -> list[list[str]]:
+    """The layer's Linears grouped by the input tensor they read in one forward (q/k/v share the attention
+    input, gate/up the MLP input, in Llama-like blocks), seen from the forward itself rather than from names."""
+    seen: dict[str, Tensor] = {}  # the tensors themselves, kept alive: a freed tensor's id() can be reused
+
+    def make_probe(name: str) -> Callable[..., None]:
+        def probe(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            seen[name] = args[0] if args else kwargs["input"]
+
+        return probe
+
+    handles = [m.register_forward_pre_hook(make_probe(n), with_kwargs=True) for n, m in linears.items()]
+    try:
+        args, kwargs = call
+        layer(hidden, *args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    for name in linears:
+        same = next((g for g in groups if name in seen and seen.get(g[0]) is seen[name]), None)
+        if same is None:
+            groups.append([name])  # a Linear never called stays alone
+        else:
+            same.append(name)
+    return groups
+
+
 def _layer_hessians(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
+    groups: list[list[str]],
     hidden: list[Tensor],
     calls: list[tuple[tuple, dict[str, Any]]],
     attention_mask: Tensor,
 ) -> dict[str, HessianAccumulator]:
-    """Forward each sample through ``layer`` once, accumulating every Linear's input Hessian without pad rows."""
-    accumulators = {n: HessianAccumulator(m.in_features, device=m.weight.device) for n, m in linears.items()}
-    current: dict[str, Tensor] = {}
+    """Forward each sample through ``layer`` once, accumulating one input Hessian per group of Linears that
+    share their input (keyed by the group's first Linear), without pad rows. Every sample must feed each group
+    one tensor; a forward that does otherwise is refused rather than given a wrong shared Hessian."""
+    leaders = {group[0]: group for group in groups}
+    accumulators = {n: HessianAccumulator(linears[n].in_features, device=linears[n].weight.device) for n in leaders}
+    current: dict[str, Any] = {}
 
-    def make_hook(acc: HessianAccumulator) -> Callable[..., None]:
+    def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any], _output: Any) -> None:
-            acc.add_batch(args[0] if args else kwargs["input"], current["mask"])
+            x = args[0] if args else kwargs["input"]
+            current["inputs"][name] = x
+            if name in accumulators:
+                accumulators[name].add_batch(x, current["mask"])
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(accumulators[n]), with_kwargs=True) for n, m in linears.items()]
+    handles = [m.register_forward_hook(make_hook(n), with_kwargs=True) for n, m in linears.items()]
     try:
         for i, (args, kwargs) in enumerate(calls):
-            current["mask"] = attention_mask[i : i + 1]
+            current["mask"], current["inputs"] = attention_mask[i : i + 1], {}
             layer(hidden[i], *args, **kwargs)
+            for group in groups:
+                first = current["inputs"].get(group[0])
+                if any(current["inputs"].get(n) is not first for n in group[1:]):
+                    raise RuntimeError(f"Linears {group} shared one input on the first sample but not on sample {i}")
     finally:
         for handle in handles:
             handle.remove()
@@ -135,6 +176,7 @@ def prune_model(
     percdamp: float = 0.01,
     progress: Progress | None = None,
     device: torch.device | str | None = None,
+    share_hessians: bool = True,
 ) -> dict[str, Any]:
     """Prune every decoder Linear of ``model`` in place with SparseGPT, one decoder layer after another.
 
@@ -142,7 +184,8 @@ def prune_model(
     a Hessian. The model stays where it is; with ``device`` (e.g. a GPU) each layer moves there for its
     Hessians (always float32) and its solve, then back, so only one layer and the calibration activations
     occupy the device. Returns a JSON-able report: target label, per-module {sparsity, damp_used, retries,
-    error}, overall decoder-Linear sparsity, seconds.
+    error}, overall decoder-Linear sparsity, seconds. ``share_hessians=False`` gives every Linear its own Hessian
+    and inverse even where it shares its input with others: the same result, slower (for checks and benchmarks).
     """
     spec = parse_sparsity(spec)
     layers = require_decoder_layers(model)
@@ -154,6 +197,7 @@ def prune_model(
     start = time.perf_counter()
     n_samples = input_ids.shape[0]
     per_module: dict[str, dict[str, Any]] = {}
+    shared_groups: list[str] = []
     was_training = model.training
     model.eval()
     try:
@@ -167,19 +211,26 @@ def prune_model(
                 layer.to(work)
                 layer_calls = _to(work, calls[index])
                 linears = decoder_linears(layer)
-                hessians = _layer_hessians(layer, linears, hidden, layer_calls, mask)
-                for name, linear in linears.items():
-                    full = f"{prefix}.{name}"
-                    result = sparsegpt_prune(
-                        linear.weight, hessians[name].H, spec, blocksize=blocksize, percdamp=percdamp, name=full
-                    )
-                    linear.weight.copy_(result.weight)
-                    per_module[full] = {
-                        "sparsity": float((linear.weight == 0).float().mean().item()),
-                        "damp_used": result.damp_used,
-                        "retries": result.retries,
-                        "error": result.error,
-                    }
+                if share_hessians:
+                    groups = _shared_inputs(layer, linears, hidden[0], layer_calls[0])
+                else:
+                    groups = [[name] for name in linears]
+                shared_groups.extend(f"{prefix}.{'/'.join(g)}" for g in groups if len(g) > 1)
+                hessians = _layer_hessians(layer, linears, groups, hidden, layer_calls, mask)
+                for group in groups:
+                    # one damped inverse for every Linear of the group: the same result, computed once
+                    prepared = prepare_hessian(hessians[group[0]].H, percdamp, name=f"{prefix}.{'/'.join(group)}")
+                    for name in group:
+                        linear = linears[name]
+                        full = f"{prefix}.{name}"
+                        result = sparsegpt_prune(linear.weight, prepared, spec, blocksize=blocksize, name=full)
+                        linear.weight.copy_(result.weight)
+                        per_module[full] = {
+                            "sparsity": float((linear.weight == 0).float().mean().item()),
+                            "damp_used": result.damp_used,
+                            "retries": result.retries,
+                            "error": result.error,
+                        }
                 del hessians
                 # the pruned layer's outputs are what the next layer will see at inference
                 hidden = [as_hidden(layer(h, *a, **kw)) for h, (a, kw) in zip(hidden, layer_calls, strict=True)]
@@ -194,6 +245,7 @@ def prune_model(
     return {
         "spec": spec.label,
         "per_module": per_module,
+        "shared_hessians": shared_groups,
         "overall_sparsity": overall,
         "n_samples": n_samples,
         "n_tokens": int((attention_mask != 0).sum()),

@@ -103,40 +103,68 @@ def _upper_cholesky_of_inverse(
     )
 
 
+@dataclass(frozen=True)
+class PreparedHessian:
+    """What SparseGPT derives from a Hessian before touching any weight: the inputs that never fired, and the
+    upper Cholesky factor of the damped inverse. Linears that read the same input (q/k/v, gate/up) share
+    one, so the factorisation is done once for all of them."""
+
+    hinv: Tensor
+    dead: Tensor
+    damp_used: float
+    retries: int
+    name: str
+
+
+@torch.no_grad()
+def prepare_hessian(
+    hessian: Tensor, percdamp: float = 0.01, max_retries: int = 4, name: str = "linear"
+) -> PreparedHessian:
+    """Dead inputs and the damped inverse's Cholesky factor of one input Hessian [in, in].
+
+    A Hessian holding NaN/inf raises at once: no amount of dampening can repair it.
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"layer {name}: Hessian shape {tuple(hessian.shape)} is not square")
+    if not torch.isfinite(hessian).all():
+        raise RuntimeError(f"SparseGPT: the Hessian of layer {name} holds NaN/inf (non-finite activations)")
+    H = hessian.detach().to(torch.float32).clone()
+    dead = H.diagonal() == 0  # inputs that never fired: nothing to reconstruct, weight can go
+    H.diagonal()[dead] = 1.0
+    hinv, damp_used, retries = _upper_cholesky_of_inverse(H, percdamp, max_retries, name)
+    return PreparedHessian(hinv, dead, float(damp_used), retries, name)
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: Tensor,
-    hessian: Tensor,
+    hessian: Tensor | PreparedHessian,
     spec: SparsitySpec | str | float,
     blocksize: int = 128,
     percdamp: float = 0.01,
     max_retries: int = 4,
     name: str = "linear",
 ) -> SparseGPTResult:
-    """Prune ``weight`` [out, in] to ``spec`` with SparseGPT given the layer's input Hessian [in, in].
-
-    A Hessian holding NaN/inf raises at once: no amount of dampening can repair it.
-    """
+    """Prune ``weight`` [out, in] to ``spec`` with SparseGPT given the layer's input Hessian [in, in], or a
+    `PreparedHessian` shared with other Linears of the same input (then percdamp/max_retries were its)."""
     spec = parse_sparsity(spec)
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"layer {name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input features")
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
-    if not torch.isfinite(hessian).all():
-        raise RuntimeError(f"SparseGPT: the Hessian of layer {name} holds NaN/inf (non-finite activations)")
+    prepared = hessian if isinstance(hessian, PreparedHessian) else None
+    shape = tuple(prepared.hinv.shape if prepared is not None else hessian.shape)
+    if shape != (cols, cols):
+        raise ValueError(f"layer {name}: Hessian shape {shape} does not match {cols} input features")
     check_nm_width(cols, spec, name)
     if spec.is_nm:  # groups of M must not straddle two blocks
         blocksize = max(spec.m, blocksize // spec.m * spec.m)
+    if prepared is None:
+        prepared = prepare_hessian(hessian, percdamp, max_retries, name)
 
-    device = hessian.device
+    Hinv, damp_used, retries = prepared.hinv, prepared.damp_used, prepared.retries
+    device = Hinv.device
     W = weight.detach().to(device=device, dtype=torch.float32).clone()
-    H = hessian.detach().to(torch.float32).clone()
-    dead = H.diagonal() == 0  # inputs that never fired: nothing to reconstruct, weight can go
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0.0
-
-    Hinv, damp_used, retries = _upper_cholesky_of_inverse(H, percdamp, max_retries, name)
+    W[:, prepared.dead] = 0.0
 
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
     error = torch.zeros((), dtype=torch.float64, device=device)
