@@ -105,13 +105,15 @@ def distill_rows(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Chat rows (user instruction, assistant answer by the target) for every source row, plus statistics.
 
-    `distilled` is False where the reference was kept (an empty, cut-off, leaking or wrong-math answer: see
-    `rejection`). Batch k of the rows is sampled with seed cfg.seed + k * cfg.batch_size, so a row's answer
-    does not depend on batches before it. `fallbacks` counts every row that kept its reference; `empty`,
-    `truncated`, `leaks` and `math_mismatch` say why.
+    A row's `distilled` is False where the reference was kept (an empty, cut-off, leaking or wrong-math
+    answer: see `rejection`). Batch k of the rows is sampled with seed cfg.seed + k * cfg.batch_size, so a
+    row's answer does not depend on batches before it. Statistics: `kept` rows carry the target's answer,
+    `fallback` rows their reference, and `empty`, `truncated`, `leaks` and `math_mismatch` (which add up to
+    `fallback`) say why; `distilled` and `fallbacks` repeat `kept` and `fallback` under the names the cell
+    record and `sd2 artifacts` read.
     """
     out: list[dict[str, Any]] = []
-    stats = {"rows": len(rows), "distilled": 0, "fallbacks": 0, "generated_tokens": 0, **dict.fromkeys(REASONS, 0)}
+    stats = {"rows": len(rows), "kept": 0, "fallback": 0, **dict.fromkeys(REASONS, 0), "generated_tokens": 0}
     started = time.perf_counter()
     total = len(rows)
     if progress:
@@ -133,9 +135,9 @@ def distill_rows(
             reason = rejection(row, answer, completion.finished)
             distilled = reason is None
             if distilled:
-                stats["distilled"] += 1
+                stats["kept"] += 1
             else:
-                stats["fallbacks"] += 1
+                stats["fallback"] += 1
                 stats[reason] += 1
             out.append(
                 {
@@ -151,13 +153,14 @@ def distill_rows(
         done = start + len(batch)
         if progress:
             progress(done, total, f"distilled {done}/{total} rows")
+    stats["distilled"], stats["fallbacks"] = stats["kept"], stats["fallback"]
     seconds = time.perf_counter() - started
     stats["seconds"] = round(seconds, 3)
     stats["tokens_per_second"] = round(stats["generated_tokens"] / seconds, 2) if seconds > 0 else 0.0
     log.info(
         "distilled %d rows: %d by the target; the reference kept for %d empty, %d cut-off, %d leaking and %d "
         "wrong-math answers; %d tokens in %.1f s",
-        total, stats["distilled"], stats["empty"], stats["truncated"], stats["leaks"], stats["math_mismatch"],
+        total, stats["kept"], stats["empty"], stats["truncated"], stats["leaks"], stats["math_mismatch"],
         stats["generated_tokens"], seconds,
     )  # fmt: skip
     return out, stats
@@ -177,7 +180,7 @@ def distill_recipe(store: Store, target: ArtifactRef, source: SourceSpec, cfg: D
         if cfg.backend == "vllm":  # vLLM loads the weights itself: no second copy in this process
             generator = make_generator("vllm", model_path=store.local_dir(target))
         else:
-            model, tokenizer = load_artifact(store, target, placement.dtype, placement.device)
+            model, tokenizer = load_artifact(store, target, dtype=placement.dtype, device=placement.device)
             generator = make_generator(cfg.backend, model=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         distilled, stats = distill_rows(generator, rows, cfg, progress=progress)
         with open(out / "data.jsonl", "w") as fh:

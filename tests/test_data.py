@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ import torch
 
 from sd2_core.config import CalibrationConfig, SourceSpec
 from sd2_core.data import EMBEDDED_DIR
+from sd2_core.data.answers import final_number, same_final_number
 from sd2_core.data.calibration import load_calibration
 from sd2_core.data.prompts import load_prompts
 from sd2_core.data.sources import load_source
@@ -93,6 +95,17 @@ def test_embedded_sources_give_normalised_rows(kind):
         assert all(r["instruction"].startswith("Translate the following English text to German:\n\n") for r in rows)
     if kind == "math":
         assert all("\n#### " in r["reference"] for r in rows)  # GSM8K's worked answer is kept whole
+
+
+def test_every_shipped_gsm8k_reference_has_the_final_number_the_math_check_compares():
+    """The distilled-math check compares final numbers: a reference without one would reject every answer."""
+    rows = load_source(SourceSpec(kind="math", limit=256))
+    assert len(rows) == 256
+    for row in rows:
+        marked = row["reference"].rsplit("#### ", 1)[1].strip()
+        assert final_number(row["reference"]) == Decimal(marked.replace(",", "")), row["id"]
+        # the worked solution's last line, restated by the target, is accepted as the same answer
+        assert same_final_number(f"So the answer is {marked}.", row["reference"]), row["id"]
 
 
 def test_general_rows_append_the_input_field():

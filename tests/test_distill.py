@@ -83,7 +83,7 @@ def test_generation_stops_at_eos(tiny_model, smollm2_tokenizer):
         (out,) = gen.generate([HELLO], max_new_tokens=6, temperature=0.0, top_p=1.0, seed=0)
     finally:
         tiny_model.generation_config.eos_token_id = saved
-    assert out.n_tokens == 2
+    assert out.n_tokens == 2 and out.finished  # ended by a stop token, not by max_new_tokens
     assert out.text == smollm2_tokenizer.decode(ids[:2], skip_special_tokens=True).strip()
 
 
@@ -181,7 +181,8 @@ def test_distill_rows_falls_back_to_the_reference_on_leaks_and_empty_answers():
         assert row["kind"] == "general"
         assert row["messages"][0] == {"role": "user", "content": source["instruction"]}
         assert row["messages"][1]["role"] == "assistant"
-    assert stats["rows"] == 5 and stats["distilled"] == 2 and stats["fallbacks"] == 3
+    assert (stats["rows"], stats["kept"], stats["fallback"]) == (5, 2, 3)
+    assert (stats["distilled"], stats["fallbacks"]) == (2, 3)  # the names the cell record and listing read
     assert stats["leaks"] == 2 and stats["empty"] == 1 and stats["truncated"] == stats["math_mismatch"] == 0
     assert stats["generated_tokens"] == sum(len(t.split()) for t in script.values())
     assert stats["seconds"] >= 0 and stats["tokens_per_second"] >= 0
@@ -197,7 +198,8 @@ def test_distill_rows_with_a_real_model_is_reproducible(generator):
     assert out == again
     assert len(out) == 3 and stats["rows"] == 3
     assert 0 < stats["generated_tokens"] <= 3 * 6
-    assert stats["distilled"] + stats["fallbacks"] == 3
+    assert stats["kept"] + stats["fallback"] == 3
+    assert stats["fallback"] == stats["empty"] + stats["truncated"] + stats["leaks"] + stats["math_mismatch"]
     for row, source in zip(out, rows, strict=True):
         assert row["messages"][0]["content"] == source["instruction"]  # the reference never reaches the training row
         if not row["distilled"]:
