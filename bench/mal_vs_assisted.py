@@ -6,10 +6,12 @@
 Same target/draft pair (default: the embedded SmolLM2-135M-Instruct as both), the same chat-formatted SpecBench
 prompts (first N per category, first turn), k drafted tokens per step, greedy, max_new_tokens each. Three engines:
 plain greedy `target.generate`, `target.generate(assistant_model=draft)` with a constant k and no confidence
-threshold, and `sd2_core.specdec.speculative_generate` with a `ModelDrafter`. Each is warmed up once, then timed
-on every prompt (the engines take turns prompt by prompt). An untimed pass with forward hooks splits each
-speculative engine's time into target forwards, draft forwards and the rest (Python, argmax, cache bookkeeping);
-`--profile` (or sd2 being slower than assisted generation) adds a cProfile of sd2's loop.
+threshold, and `sd2_core.specdec.speculative_generate` with a `ModelDrafter`, one sequence at a time. Each is
+warmed up once, then timed on every prompt (the engines take turns prompt by prompt). Then the MAL stage's own
+path, `sd2_core.mal.measure_mal` with `--batch-size` sequences decoded together (each with its own acceptance),
+is timed on the same prompts and its outputs checked against the greedy ones. An untimed pass with forward hooks
+splits each one-at-a-time speculative engine's time into target forwards, draft forwards and the rest (Python,
+argmax, cache bookkeeping); `--profile` (or sd2 being slower than assisted generation) adds a cProfile of sd2's loop.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch in the MAL stage's path")
     parser.add_argument("--profile", action="store_true", help="add sd2's cProfile even when it is not slower")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()
@@ -121,6 +124,7 @@ def main() -> None:
 
     from sd2_core.chat import chat_input_ids, model_eos_ids
     from sd2_core.data.prompts import load_prompts
+    from sd2_core.mal import PromptItem, measure_mal
     from sd2_core.models import builtin_dir, is_builtin, load_model, load_tokenizer
     from sd2_core.specdec import ModelDrafter, speculative_generate
 
@@ -172,7 +176,27 @@ def main() -> None:
         def same(a: str, b: str) -> str:
             return f"{sum(x == y for x, y in zip(outputs[a], outputs[b], strict=True))}/{n}"
 
+        # The MAL stage's own path: measure_mal decodes `--batch-size` sequences at once (similar lengths
+        # together), each with its own acceptance; its lossless check runs against HF's greedy outputs.
+        first_turns = [PromptItem(id=p.id, category=p.category, turns=p.turns[:1]) for p in items]
+        greedy_ref = {p.id: [o] for p, o in zip(items, outputs["greedy_generate"], strict=True)}
+        measured = measure_mal(
+            target, draft, tokenizer, first_turns, k, max_new, reference=greedy_ref, batch_size=args.batch_size
+        )
+        results["sd2_speculative_batched"] = {
+            "batch_size": args.batch_size,
+            "tokens": measured["tokens"],
+            "seconds": round(measured["seconds"], 3),
+            "tokens_per_s": round(measured["tokens"] / measured["seconds"], 2),
+            "steps": measured["steps"],
+            "mal": round(measured["mal"], 4),
+            "identical_to_greedy": f"{measured['lossless']['identical']}/{measured['lossless']['total']}",
+        }
+        print("sd2_speculative_batched", json.dumps(results["sd2_speculative_batched"]), flush=True)
         ratio = results["sd2_speculative"]["tokens_per_s"] / results["assisted_generate"]["tokens_per_s"]
+        batched_ratio = (
+            results["sd2_speculative_batched"]["tokens_per_s"] / results["assisted_generate"]["tokens_per_s"]
+        )
         split = {e: breakdown(engines[e], prompts, target, draft) for e in ("assisted_generate", "sd2_speculative")}
         cprofile = profile(sd2, prompts, 25) if args.profile or ratio < 1 else None
     result = {
@@ -189,6 +213,7 @@ def main() -> None:
             "assisted_vs_greedy": same("assisted_generate", "greedy_generate"),
         },
         "sd2_over_assisted_tokens_per_s": round(ratio, 3),
+        "sd2_batched_over_assisted_tokens_per_s": round(batched_ratio, 3),
         "sd2_over_greedy_tokens_per_s": round(
             results["sd2_speculative"]["tokens_per_s"] / results["greedy_generate"]["tokens_per_s"], 3
         ),

@@ -153,7 +153,9 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
 
     base = _base_config(args)
     store = _store(args, base)
-    cfg = _update(base.mal, k=args.k, max_new_tokens=args.max_new_tokens, prompts=args.prompts)
+    cfg = _update(
+        base.mal, k=args.k, max_new_tokens=args.max_new_tokens, prompts=args.prompts, batch_size=args.batch_size
+    )
     if args.per_category is not None or args.prompts:
         # a user's own prompts file is measured whole unless --per-category says otherwise
         cfg = cfg.model_copy(update={"per_category": args.per_category})
@@ -349,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--prompts", help="JSONL with {prompt} or {turns} rows (default: SpecBench)")
     p.add_argument("--per-category", type=int, help="first N prompts of each category")
+    p.add_argument("--batch-size", type=int, help="sequences decoded together, each with its own acceptance (1)")
     p.set_defaults(fn=cmd_mal)
 
     p = sub.add_parser("cell", help="one SD² cell end to end as a Prefect flow")

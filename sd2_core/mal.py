@@ -22,7 +22,7 @@ from sd2_core.chat import chat_input_ids, model_eos_ids
 from sd2_core.config import MalConfig
 from sd2_core.errors import UserError
 from sd2_core.placement import Placement, placement_of
-from sd2_core.specdec import ModelDrafter, greedy_generate, speculative_generate
+from sd2_core.specdec import ModelDrafter, SpecResult, greedy_generate_batch, speculative_generate_batch
 from sd2_core.store import ArtifactRef, Store
 
 log = logging.getLogger(__name__)
@@ -65,24 +65,41 @@ def _turn_context(tokenizer, item: PromptItem, turn: int, answers: list[list[int
     return chat_input_ids(tokenizer, messages)
 
 
+def _length_batches(contexts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indexes of `contexts` in batches of at most `batch_size`, similar lengths together (less padding)."""
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(contexts)), key=lambda i: (len(contexts[i]), i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def greedy_reference(
-    target, tokenizer, prompts: list[PromptItem], max_new_tokens: int, progress: Progress | None = None
+    target,
+    tokenizer,
+    prompts: list[PromptItem],
+    max_new_tokens: int,
+    progress: Progress | None = None,
+    batch_size: int = 1,
 ) -> Reference:
-    """The target's greedy output per prompt id per turn (new tokens, EOS included when produced)."""
+    """The target's greedy output per prompt id per turn (new tokens, EOS included when produced).
+
+    Turn t of every prompt is decoded before turn t+1, whose context holds the answers to the earlier turns.
+    """
     _check_inputs(tokenizer, prompts, max_new_tokens)
     eos = model_eos_ids(tokenizer, target)
     total = sum(len(p.turns) for p in prompts)
     done = 0
-    reference: Reference = {}
-    for item in prompts:
-        answers: list[list[int]] = []
-        for turn in range(len(item.turns)):
-            ids = _turn_context(tokenizer, item, turn, answers, eos)
-            answers.append(greedy_generate(target, ids, max_new_tokens, eos))
-            done += 1
+    reference: Reference = {item.id: [] for item in prompts}
+    for turn in range(max(len(p.turns) for p in prompts)):
+        items = [item for item in prompts if len(item.turns) > turn]
+        contexts = [_turn_context(tokenizer, item, turn, reference[item.id], eos) for item in items]
+        for batch in _length_batches(contexts, batch_size):
+            outputs = greedy_generate_batch(target, [contexts[i] for i in batch], max_new_tokens, eos)
+            for i, output in zip(batch, outputs, strict=True):
+                reference[items[i].id].append(output)
+            done += len(batch)
             if progress is not None:
-                progress(done, total, f"greedy reference {item.id} turn {turn + 1}")
-        reference[item.id] = answers
+                progress(done, total, f"greedy reference, turn {turn + 1}, {len(batch)} sequences")
     return reference
 
 
@@ -99,6 +116,7 @@ def measure_mal(
     max_new_tokens: int,
     reference: Reference | None = None,
     progress: Progress | None = None,
+    batch_size: int = 1,
 ) -> dict:
     """MAL of `draft` for `target` over the prompts, overall and per category, with a lossless check.
 
@@ -110,7 +128,7 @@ def measure_mal(
     if k < 1:
         raise UserError(f"k (draft tokens per step) must be at least 1, got {k}")
     if reference is None:
-        reference = greedy_reference(target, tokenizer, prompts, max_new_tokens, progress=progress)
+        reference = greedy_reference(target, tokenizer, prompts, max_new_tokens, progress, batch_size)
     for item in prompts:
         if item.id not in reference or len(reference[item.id]) != len(item.turns):
             found = len(reference.get(item.id, [])) if item.id in reference else "none"
@@ -119,37 +137,45 @@ def measure_mal(
                 "recompute it for these prompts"
             )
     eos = model_eos_ids(tokenizer, target)
-    total = sum(len(p.turns) for p in prompts)
+    sequences = [(item, turn) for item in prompts for turn in range(len(item.turns))]
+    contexts = [_turn_context(tokenizer, item, turn, reference[item.id], eos) for item, turn in sequences]
+    outcomes: list[SpecResult | None] = [None] * len(sequences)
+    seconds = 0.0
+    done = 0
+    for batch in _length_batches(contexts, batch_size):
+        start = time.perf_counter()
+        results = speculative_generate_batch(
+            target, ModelDrafter(draft), [contexts[i] for i in batch], k, max_new_tokens, eos
+        )
+        seconds += time.perf_counter() - start
+        for i, res in zip(batch, results, strict=True):
+            outcomes[i] = res
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(sequences), f"speculative decoding, {len(batch)} sequences")
     per_prompt: list[dict] = []
     histogram = [0] * (k + 1)
     by_category: dict[str, list[int]] = {}
-    seconds = 0.0
-    for item in prompts:
-        for turn in range(len(item.turns)):
-            ids = _turn_context(tokenizer, item, turn, reference[item.id], eos)
-            start = time.perf_counter()
-            res = speculative_generate(target, ModelDrafter(draft), ids, k, max_new_tokens, eos)
-            seconds += time.perf_counter() - start
-            identical = res.tokens == list(reference[item.id][turn])
-            if not identical:
-                log.info("prompt %s turn %d: speculative output differs from greedy", item.id, turn + 1)
-            for accepted in res.accepted_per_step:
-                histogram[accepted] += 1
-            totals = by_category.setdefault(item.category, [0, 0])
-            totals[0] += len(res.tokens)
-            totals[1] += res.steps
-            per_prompt.append(
-                {
-                    "id": item.id,
-                    "category": item.category,
-                    "turn": turn + 1,
-                    "steps": res.steps,
-                    "tokens": len(res.tokens),
-                    "identical": identical,
-                }
-            )
-            if progress is not None:
-                progress(len(per_prompt), total, f"speculative {item.id} turn {turn + 1}")
+    for (item, turn), res in zip(sequences, outcomes, strict=True):
+        assert res is not None
+        identical = res.tokens == list(reference[item.id][turn])
+        if not identical:
+            log.info("prompt %s turn %d: speculative output differs from greedy", item.id, turn + 1)
+        for accepted in res.accepted_per_step:
+            histogram[accepted] += 1
+        totals = by_category.setdefault(item.category, [0, 0])
+        totals[0] += len(res.tokens)
+        totals[1] += res.steps
+        per_prompt.append(
+            {
+                "id": item.id,
+                "category": item.category,
+                "turn": turn + 1,
+                "steps": res.steps,
+                "tokens": len(res.tokens),
+                "identical": identical,
+            }
+        )
     tokens = sum(r["tokens"] for r in per_prompt)
     steps = sum(r["steps"] for r in per_prompt)
     result = {
@@ -196,7 +222,7 @@ def reference_recipe(store: Store, target: ArtifactRef, cfg: MalConfig) -> Recip
         prompts = _prompts(cfg)
         model, tokenizer = _load_target(store, target, placement)
         start = time.time()
-        reference = greedy_reference(model, tokenizer, prompts, cfg.max_new_tokens, progress=progress)
+        reference = greedy_reference(model, tokenizer, prompts, cfg.max_new_tokens, progress, cfg.batch_size)
         tokens = sum(len(t) for turns in reference.values() for t in turns)
         (out / "reference.json").write_text(json.dumps(reference))
         seconds = time.time() - start
@@ -206,6 +232,7 @@ def reference_recipe(store: Store, target: ArtifactRef, cfg: MalConfig) -> Recip
         "prompts": cfg.prompts,
         "per_category": cfg.per_category,
         "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
         "placement": placement.identity,
         **data_identity(cfg.prompts),
     }
@@ -232,7 +259,15 @@ def mal_recipe(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: Artif
                 "tokenizer (cross-tokenizer drafting is not supported)"
             )
         result = measure_mal(
-            target_model, draft_model, tokenizer, prompts, cfg.k, cfg.max_new_tokens, reference, progress
+            target_model,
+            draft_model,
+            tokenizer,
+            prompts,
+            cfg.k,
+            cfg.max_new_tokens,
+            reference,
+            progress,
+            batch_size=cfg.batch_size,
         )
         prompt_len = mean_prompt_len(tokenizer, [p.turns[0] for p in prompts])
         cost = cost_ratio(draft_model, target_model, prompt_len, cfg.max_new_tokens)

@@ -10,7 +10,13 @@ from transformers import LlamaForCausalLM
 
 from sd2_core.errors import UserError
 from sd2_core.mal import PromptItem, chat_input_ids, greedy_reference, measure_mal
-from sd2_core.specdec import ModelDrafter, greedy_generate, speculative_generate
+from sd2_core.specdec import (
+    ModelDrafter,
+    greedy_generate,
+    greedy_generate_batch,
+    speculative_generate,
+    speculative_generate_batch,
+)
 
 VOCAB = 512
 NEVER = {-1}  # an EOS id no model can emit: generation runs to max_new_tokens
@@ -152,6 +158,30 @@ def test_truncation_at_eos(target, close_draft):
             assert sum(res.appended_per_step) == len(greedy)
 
 
+def test_batched_decoding_equals_one_sequence_at_a_time(target, close_draft):
+    """Rows of different lengths, finishing at different steps (EOS or max_new_tokens), with different acceptance:
+    each row's tokens, step count and acceptance log equal what it gets decoded alone."""
+    prompts = [prompt(60 + i, length) for i, length in enumerate((3, 17, 9, 30, 1))]
+    alone = [greedy_generate(target, ids, 24, NEVER) for ids in prompts]
+    eos = {alone[1][5], alone[3][11]}  # rows 1 and 3 end early, the others at max_new_tokens
+    alone = [greedy_generate(target, ids, 24, eos) for ids in prompts]
+    assert len({len(a) for a in alone}) > 1
+    assert greedy_generate_batch(target, prompts, 24, eos) == alone
+    for draft in (target, close_draft):
+        for k in (1, 4):
+            batched = speculative_generate_batch(target, ModelDrafter(draft), prompts, k, 24, eos)
+            for ids, res, expected in zip(prompts, batched, alone, strict=True):
+                single = speculative_generate(target, ModelDrafter(draft), ids, k, 24, eos)
+                assert res.tokens == expected == single.tokens
+                assert (res.steps, res.accepted_per_step) == (single.steps, single.accepted_per_step)
+    accepted = {
+        n
+        for res in speculative_generate_batch(target, ModelDrafter(close_draft), prompts, 4, 24, eos)
+        for n in res.accepted_per_step
+    }
+    assert len(accepted) > 2  # the rows really diverged inside one batch
+
+
 def test_bad_arguments_are_user_errors(target):
     with pytest.raises(UserError, match="k"):
         speculative_generate(target, ModelDrafter(target), [1, 2], 0, 5, NEVER)
@@ -159,6 +189,10 @@ def test_bad_arguments_are_user_errors(target):
         speculative_generate(target, ModelDrafter(target), [1, 2], 2, 0, NEVER)
     with pytest.raises(UserError, match="empty"):
         greedy_generate(target, [], 5, NEVER)
+    with pytest.raises(UserError, match="prompt 1 is empty"):
+        greedy_generate_batch(target, [[1], []], 5, NEVER)
+    with pytest.raises(UserError, match="no prompts"):
+        speculative_generate_batch(target, ModelDrafter(target), [], 2, 5, NEVER)
 
 
 # --- MAL over chat prompts, with the real SmolLM2 tokenizer and its chat template -------------------------------
@@ -245,3 +279,18 @@ def test_measure_mal_rejects_bad_input(chat_target, smollm2_tokenizer):
         measure_mal(chat_target, chat_target, smollm2_tokenizer, [PROMPTS[0], PROMPTS[0]], 2, 4)
     with pytest.raises(UserError, match="k"):
         measure_mal(chat_target, chat_target, smollm2_tokenizer, PROMPTS, 0, 4, reference={})
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_measure_mal_in_batches_equals_one_at_a_time(chat_target, chat_draft, smollm2_tokenizer, batch_size):
+    k, max_new = 3, 12
+    ref = greedy_reference(chat_target, smollm2_tokenizer, PROMPTS, max_new)
+    assert greedy_reference(chat_target, smollm2_tokenizer, PROMPTS, max_new, batch_size=batch_size) == ref
+    one = measure_mal(chat_target, chat_draft, smollm2_tokenizer, PROMPTS, k, max_new, reference=ref)
+    many = measure_mal(
+        chat_target, chat_draft, smollm2_tokenizer, PROMPTS, k, max_new, reference=ref, batch_size=batch_size
+    )
+    for key in ("mal", "mal_per_category", "steps", "tokens", "lossless", "acceptance_histogram", "per_prompt"):
+        assert many[key] == one[key], key
+    with pytest.raises(UserError, match="batch_size must be at least 1, got 0"):
+        measure_mal(chat_target, chat_draft, smollm2_tokenizer, PROMPTS, k, max_new, reference=ref, batch_size=0)
