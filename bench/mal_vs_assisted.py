@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch in the MAL stage's path")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch in the MAL stage's path")
     parser.add_argument("--profile", action="store_true", help="add sd2's cProfile even when it is not slower")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args()

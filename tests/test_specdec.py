@@ -158,10 +158,12 @@ def test_truncation_at_eos(target, close_draft):
             assert sum(res.appended_per_step) == len(greedy)
 
 
-def test_batched_decoding_equals_one_sequence_at_a_time(target, close_draft):
+@pytest.mark.parametrize("lengths", [(3, 17, 9, 30, 1), (14, 15, 16, 13)], ids=["prefill-apart", "prefill-padded"])
+def test_batched_decoding_equals_one_sequence_at_a_time(target, close_draft, lengths):
     """Rows of different lengths, finishing at different steps (EOS or max_new_tokens), with different acceptance:
-    each row's tokens, step count and acceptance log equal what it gets decoded alone."""
-    prompts = [prompt(60 + i, length) for i, length in enumerate((3, 17, 9, 30, 1))]
+    each row's tokens, step count and acceptance log equal what it gets decoded alone. Very different prompt
+    lengths take the row-by-row first feed, similar ones one padded forward: both layouts are checked."""
+    prompts = [prompt(60 + i, length) for i, length in enumerate(lengths)]
     alone = [greedy_generate(target, ids, 24, NEVER) for ids in prompts]
     eos = {alone[1][5], alone[3][11]}  # rows 1 and 3 end early, the others at max_new_tokens
     alone = [greedy_generate(target, ids, 24, eos) for ids in prompts]
