@@ -224,7 +224,9 @@ def stored_parameters(path: Path) -> int:
     return total
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", split: bool = False):
+def load_model(
+    path: Path | str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", split: bool = False
+):
     """Load a causal LM from a local HF folder in eval mode, in `dtype` on `device`.
 
     `split=True` spreads the layers over every visible GPU (accelerate's device map) for a model larger than
@@ -232,6 +234,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, device: torch.dev
     """
     from transformers import AutoModelForCausalLM
 
+    path = Path(path)
     device = torch.device(device)
     devices = [torch.device("cuda", i) for i in range(cuda_devices())] if split and device.type == "cuda" else [device]
     check_fits(f"model {path.name}", stored_parameters(path), dtype, devices)

@@ -135,6 +135,26 @@ def prepare_hessian(
     return PreparedHessian(hinv, dead, float(damp_used), retries, name)
 
 
+def _mark_smallest(score: Tensor, k: int, mask: Tensor) -> None:
+    """Set `mask` (viewed flat) True at the k smallest scores; ties at the threshold go to the lowest indices.
+
+    A k-th value and a comparison instead of a top-k: the same set (when no two scores tie at the threshold),
+    several times faster on a block of 10⁵ scores.
+    """
+    flat = mask.view(-1)
+    if k <= 0:
+        return
+    if k >= score.numel():
+        flat[:] = True
+        return
+    threshold = torch.kthvalue(score, k).values
+    below = score < threshold
+    flat |= below
+    missing = k - int(below.sum())
+    if missing > 0:
+        flat[torch.nonzero(score == threshold).flatten()[:missing]] = True
+
+
 @torch.no_grad()
 def sparsegpt_prune(
     weight: Tensor,
@@ -163,40 +183,40 @@ def sparsegpt_prune(
 
     Hinv, damp_used, retries = prepared.hinv, prepared.damp_used, prepared.retries
     device = Hinv.device
-    W = weight.detach().to(device=device, dtype=torch.float32).clone()
-    W[:, prepared.dead] = 0.0
+    # Transposed ([in, out]): the column loop below then reads and updates contiguous rows. Every element sees
+    # the reference's operations in its order, so the result is bit for bit the row-major loop's.
+    WT = weight.detach().to(device=device, dtype=torch.float32).T.contiguous()
+    WT[prepared.dead] = 0.0
 
-    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    prunedT = torch.zeros(cols, rows, dtype=torch.bool, device=device)
     error = torch.zeros((), dtype=torch.float64, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
         mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = prune
         if not spec.is_nm:
-            score = (W1**2 / d.unsqueeze(0) ** 2).flatten()
-            k = round(spec.fraction * score.numel())
-            mask1.view(-1)[torch.topk(score, k, largest=False).indices] = True
+            _mark_smallest((W1**2 / d.unsqueeze(1) ** 2).flatten(), round(spec.fraction * W1.numel()), mask1)
         for i in range(count):
             if spec.is_nm and i % spec.m == 0:
-                score = W1[:, i : i + spec.m] ** 2 / d[i : i + spec.m].unsqueeze(0) ** 2
-                smallest = torch.topk(score, spec.n, dim=1, largest=False).indices
-                mask1[:, i : i + spec.m].scatter_(1, smallest, True)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
+                score = W1[i : i + spec.m] ** 2 / d[i : i + spec.m].unsqueeze(1) ** 2
+                smallest = torch.topk(score, spec.n, dim=0, largest=False).indices
+                mask1[i : i + spec.m].scatter_(0, smallest, True)
+            # (w - q) / d with q = w where kept, 0 where pruned: w / d where pruned, 0 elsewhere (the same bits)
+            err = torch.where(mask1[i], W1[i], zero).div_(d[i])
+            Err1[i] = err
+            # column i itself is final (q); only the columns after it take the update
+            W1[i + 1 :] -= torch.outer(Hinv1[i, i + 1 :], err)
+        WT[i1:i2] = W1.masked_fill_(mask1, 0.0)
+        prunedT[i1:i2] = mask1
         error += (Err1.double() ** 2).sum() / 2  # OBS loss (w - q)² / d² of every weight pruned in the block
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        WT[i2:] -= Hinv[i1:i2, i2:].T @ Err1
 
+    W, pruned = WT.T, prunedT.T
     if not torch.isfinite(W).all():
         raise RuntimeError(f"SparseGPT produced non-finite weights for layer {name} (damp {damp_used:.3g})")
     return SparseGPTResult(
