@@ -1,4 +1,5 @@
-"""The SD² cell flow: distill → prune → MAL (one-shot) → fine-tune → MAL (SD²), each a cached task."""
+"""The SD² cell flow: distill → prune → MAL (one-shot) → fine-tune → MAL (SD²), each a cached task; where vLLM is
+installed, each MAL stage is followed by the draft served with vLLM (serve)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sd2_core.artifacts import find_artifact
 from sd2_core.config import CellConfig
 from sd2_core.placement import check_placements
 from sd2_core.reporting import cell_markdown, cell_summary
+from sd2_core.serve_bench import serving_enabled
 from sd2_core.store import ArtifactRef, Store
 from tasks.stage_tasks import (
     distill_task,
@@ -21,6 +23,8 @@ from tasks.stage_tasks import (
     prune_task,
     reference_task,
     run_stage,
+    serve_target_task,
+    serve_task,
 )
 
 
@@ -46,6 +50,10 @@ def target_stages(config: CellConfig) -> dict[str, ArtifactRef]:
     refs["reference"] = run_stage(
         reference_task, "target-greedy-reference", store=store, target=refs["target"], cfg=config.mal
     )
+    if serving_enabled(config.serve):
+        refs["serve_target"] = run_stage(
+            serve_target_task, "serve-target-alone", store=store, target=refs["target"], cfg=config.mal
+        )
     return refs
 
 
@@ -67,17 +75,29 @@ def one_shot_stage(config: CellConfig, draft: ArtifactRef) -> ArtifactRef:
     return draft
 
 
-def mal_stage(config: CellConfig, refs: dict[str, ArtifactRef], draft: str, run_name: str) -> ArtifactRef:
-    """MAL of the draft `refs[draft]` against the cell's target, on the target's shared greedy reference."""
-    return run_stage(
+def mal_stage(config: CellConfig, refs: dict[str, ArtifactRef], draft: str, stage: str) -> None:
+    """MAL of the draft `refs[draft]` against the cell's target (on the target's shared greedy reference) as
+    refs["mal_<stage>"], then, where the target is served, the draft served by vLLM as refs["served_<stage>"]."""
+    refs[f"mal_{stage}"] = run_stage(
         mal_task,
-        run_name,
+        f"mal-{stage.replace('_', '-')}",
         store=config.store,
         target=refs["target"],
         draft=refs[draft],
         ref=refs["reference"],
         cfg=config.mal,
     )
+    if "serve_target" in refs:
+        refs[f"served_{stage}"] = run_stage(
+            serve_task,
+            f"serve-{stage.replace('_', '-')}",
+            store=config.store,
+            target=refs["target"],
+            draft=refs[draft],
+            alone=refs["serve_target"],
+            cfg=config.mal,
+            sd2_mal=refs[f"mal_{stage}"].summary["mal"],
+        )
 
 
 @flow(name="sd2-cell", flow_run_name="cell-{config.draft}-{config.variant}")
@@ -91,11 +111,11 @@ def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B00
     )
     distilled = [refs[f"distill/{source.kind}"] for source in config.sources]
     refs["prune"] = one_shot_stage(config, refs["draft"])
-    refs["mal_one_shot"] = mal_stage(config, refs, "prune", "mal-one-shot")
+    mal_stage(config, refs, "prune", "one_shot")
     refs["finetune"] = run_stage(
         finetune_task, "finetune", store=store, draft=refs["prune"], distilled=distilled, cfg=config.finetune
     )
-    refs["mal_sd2"] = mal_stage(config, refs, "finetune", "mal-sd2")
+    mal_stage(config, refs, "finetune", "sd2")
     summary = cell_summary(config, refs)
     create_markdown_artifact(cell_markdown(summary), key="sd2-cell-summary", description="SD² cell result")
     return summary

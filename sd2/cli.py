@@ -170,6 +170,35 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core.artifacts import produce
+    from sd2_core.serve_bench import check_pair, serve_bench_recipe, served_target_recipe
+    from sd2_core.vllm_server import require_vllm
+
+    require_vllm()
+    base = _base_config(args)
+    store = _store(args, base)
+    cfg = _update(base.mal, k=args.k, max_new_tokens=args.max_new_tokens, per_category=args.per_category)
+    target = _model(store, args.target or base.target)
+    draft = _model(store, args.draft or base.draft)
+    check_pair(store.local_dir(target), store.local_dir(draft), cfg.k)  # before any server starts
+    alone = produce(store, served_target_recipe(store, target, cfg), _progress)
+    served = produce(store, serve_bench_recipe(store, target, draft, alone, cfg), _progress)
+    return {**served.summary, "artifacts": {"serve": served.uri, "serve_target": alone.uri}}
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core.config import CellConfig
+    from sd2_core.export import export_drafter, serve_line
+    from sd2_core.store import Store
+
+    store = Store(args.store or CellConfig().store)
+    draft = _model(store, args.draft)
+    result = export_drafter(store.local_dir(draft), Path(args.out))
+    target = args.target or "TARGET"
+    return {**result, "draft": draft.uri, "vllm_serve": serve_line(target, Path(result["out"]), args.k)}
+
+
 def cmd_cell(args: argparse.Namespace) -> dict[str, Any]:
     from flows.cell import cell_flow
     from sd2.prefect_server import prefect_api
@@ -319,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--backend", choices=["transformers", "vllm"])
+    p.add_argument("--backend", choices=["auto", "transformers", "vllm"], help="default auto: vLLM where installed")
     p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("prune", help="SparseGPT one-shot pruning of a draft")
@@ -353,6 +382,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-category", type=int, help="first N prompts of each category")
     p.add_argument("--batch-size", type=int, help="sequences decoded together, each with its own acceptance (1)")
     p.set_defaults(fn=cmd_mal)
+
+    p = sub.add_parser(
+        "serve-bench", help="vLLM serving the target alone, then with the draft as its speculative model (needs vLLM)"
+    )
+    common(p)
+    p.add_argument("--target", help="target model reference")
+    p.add_argument("--draft", help="draft model reference (e.g. finetune/<key>)")
+    p.add_argument("--k", type=int, help="draft tokens per step, 1..16 (default 5)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--per-category", type=int, help="first N SpecBench prompts of each category")
+    p.set_defaults(fn=cmd_serve_bench)
+
+    p = sub.add_parser("export", help="write a draft as a folder vLLM loads as its speculative model")
+    p.add_argument("draft", help="draft reference: finetune/<key>, prune/<key>, a folder or any model reference")
+    p.add_argument("--out", required=True, help="new or empty folder")
+    p.add_argument("--target", help="the target to show in the printed `vllm serve` line")
+    p.add_argument("--k", type=int, default=5, help="draft tokens per step in the printed line")
+    p.add_argument("--store", help="artifact store: local folder or s3://bucket/prefix (default ./sd2-store)")
+    output(p)
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("cell", help="one SD² cell end to end as a Prefect flow")
     common(p)

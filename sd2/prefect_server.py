@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -17,11 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO
 
-import httpx
 import prefect
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-from sd2_core.processes import TetheredProcess, start_tethered
+from sd2_core.processes import free_port, start_tethered, wait_until_healthy
 
 log = logging.getLogger("sd2")
 
@@ -39,12 +37,6 @@ def startup_timeout() -> float:
     if "startup_timeout_seconds" in ephemeral.model_fields_set:
         return float(ephemeral.startup_timeout_seconds)
     return DEFAULT_STARTUP_TIMEOUT
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _server_command(port: int) -> list[str]:
@@ -85,21 +77,6 @@ def _tail(output: IO[bytes], limit: int = 2000) -> str:
     return text[-limit:] or "(no output)"
 
 
-def _wait_until_healthy(server: TetheredProcess, api_url: str, deadline: float) -> bool:
-    """True once GET /api/health answers 200; False if the server exited first; False too at the deadline."""
-    with httpx.Client(trust_env=False, timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                return False
-            try:
-                if client.get(f"{api_url}/health").status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    return False
-
-
 @contextmanager
 def temporary_server(timeout: float | None = None) -> Iterator[str]:
     """Start a local Prefect server on a free port, yield its API URL, stop it on exit (also on errors)."""
@@ -107,7 +84,7 @@ def temporary_server(timeout: float | None = None) -> Iterator[str]:
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryFile() as output:
         for attempt in range(1, ATTEMPTS + 1):
-            port = _free_port()
+            port = free_port()
             api_url = f"http://127.0.0.1:{port}/api"
             output.seek(0)
             output.truncate()
@@ -120,7 +97,7 @@ def temporary_server(timeout: float | None = None) -> Iterator[str]:
                     api_url,
                     server.pid,
                 )
-                if _wait_until_healthy(server, api_url, deadline):
+                if wait_until_healthy(server, f"{api_url}/health", deadline):
                     log.debug("temporary Prefect server answered after %.1f s", time.monotonic() - started)
                     break
                 if server.poll() is None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sd2_core.errors import UserError
 
 SourceKind = Literal["general", "translation", "math"]
-Backend = Literal["transformers", "vllm"]
+Backend = Literal["auto", "transformers", "vllm"]
 ProfileName = Literal["smoke", "cpu", "paper"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 PruneMethod = Literal["sparsegpt", "layer", "none"]
@@ -76,7 +76,14 @@ class DistillConfig(_Placed):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     seed: int = Field(0, description="sampling seed")
     batch_size: int = Field(8, ge=1, description="prompts generated together")
-    backend: Backend = Field("transformers", description="generation engine: transformers (embedded) or vllm")
+    backend: Backend = Field(
+        "auto",
+        description="generation engine: auto (vLLM where it is installed, see scripts/setup_vllm.sh, else "
+        "transformers), transformers or vllm (a `vllm serve` started by sd2)",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs the vLLM server splits the target over (vllm only; a target larger than one GPU)"
+    )
 
 
 class CalibrationConfig(_Frozen):
@@ -212,6 +219,15 @@ class MalConfig(_Placed):
     )
 
 
+class ServeConfig(_Frozen):
+    """The served benchmark: vLLM alone and with the draft (sd2_core.serve_bench), after each MAL stage, on the MAL
+    stage's prompts, k, token limit and precision."""
+
+    enabled: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: run where vLLM is installed (scripts/setup_vllm.sh); on: require it; off: skip"
+    )
+
+
 class CellConfig(_Frozen):
     """One SD² cell: a draft × sparsity variant against one target, end to end."""
 
@@ -231,6 +247,7 @@ class CellConfig(_Frozen):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     mal: MalConfig = Field(default_factory=MalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @property
     def variant(self) -> str:
@@ -301,7 +318,7 @@ def profile(name: str, **overrides: object) -> CellConfig:
     return CellConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
 
 
-OVERRIDABLE = ("sources", "distill", "prune", "finetune", "mal")
+OVERRIDABLE = ("sources", "distill", "prune", "finetune", "mal", "serve")
 PLACED = ("distill", "prune", "finetune", "mal")  # the stages that load models, each with device and dtype
 
 

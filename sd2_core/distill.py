@@ -166,32 +166,55 @@ def distill_rows(
     return out, stats
 
 
+def vllm_settings(cfg: DistillConfig, placement) -> dict[str, Any]:
+    """The `vllm serve` settings of a distillation (what the pooled server is keyed by)."""
+    return {"dtype": placement.dtype_name, "seed": cfg.seed, "tensor_parallel_size": cfg.tensor_parallel_size}
+
+
 def distill_recipe(store: Store, target: ArtifactRef, source: SourceSpec, cfg: DistillConfig) -> Recipe:
     """The `distill` stage: the target answers one source's instructions in its own words."""
     from sd2_core.data.sources import load_source
-    from sd2_core.generation import make_generator
+    from sd2_core.generation import make_generator, resolve_backend
     from sd2_core.models import load_artifact
     from sd2_core.placement import placement_of
 
     placement = placement_of(cfg)
+    backend = resolve_backend(cfg.backend, placement.device.type)
 
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
         rows = load_source(source)
-        if cfg.backend == "vllm":  # vLLM loads the weights itself: no second copy in this process
-            generator = make_generator("vllm", model_path=store.local_dir(target))
+        if backend == "vllm":  # vLLM loads the weights itself: no second copy in this process
+            from transformers import GenerationConfig
+
+            from sd2_core.models import load_tokenizer
+            from sd2_core.vllm_server import shared_server
+
+            folder = store.local_dir(target)
+            generation_config = GenerationConfig.from_pretrained(folder)
+            with shared_server(folder, **vllm_settings(cfg, placement)) as server:
+                generator = make_generator(
+                    "vllm", tokenizer=load_tokenizer(folder), server=server, generation_config=generation_config
+                )
+                distilled, stats = distill_rows(generator, rows, cfg, progress=progress)
+                engine = server.install.label
         else:
+            import transformers
+
             model, tokenizer = load_artifact(store, target, dtype=placement.dtype, device=placement.device)
-            generator = make_generator(cfg.backend, model=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
-        distilled, stats = distill_rows(generator, rows, cfg, progress=progress)
+            generator = make_generator("transformers", model=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+            distilled, stats = distill_rows(generator, rows, cfg, progress=progress)
+            engine = f"transformers {transformers.__version__}"
         with open(out / "data.jsonl", "w") as fh:
             for row in distilled:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        stats["engine"] = engine
         write_json(out / "stats.json", stats)
         return {"kind": source.kind, **stats}
 
     config = {
         "source": source.model_dump(mode="json"),
-        "distill": cfg.model_dump(mode="json", exclude={"device", "dtype"}),
+        # the engine that runs, not 'auto': the two engines sample differently
+        "distill": {**cfg.model_dump(mode="json", exclude={"device", "dtype"}), "backend": backend},
         "placement": placement.identity,
         **data_identity(source.uri),
     }

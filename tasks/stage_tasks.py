@@ -34,6 +34,7 @@ from sd2_core.mal import mal_recipe, reference_recipe
 from sd2_core.models import model_recipe
 from sd2_core.pruning.oneshot import layer_prune_recipe, prune_recipe
 from sd2_core.reporting import results_recipe
+from sd2_core.serve_bench import serve_bench_recipe, served_target_recipe
 from sd2_core.store import ArtifactRef, Store
 
 RETRIES = 3
@@ -171,6 +172,8 @@ layer_prune_task = _stage_task(layer_prune_recipe, "layer-prune")
 finetune_task = _stage_task(finetune_recipe, "finetune")
 reference_task = _stage_task(reference_recipe, "reference")
 mal_task = _stage_task(mal_recipe, "mal")
+serve_target_task = _stage_task(served_target_recipe, "serve-target")
+serve_task = _stage_task(serve_bench_recipe, "serve")
 results_task = _stage_task(lambda store, **kw: results_recipe(**kw), "results")
 
 

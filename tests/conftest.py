@@ -15,6 +15,9 @@ torch.set_num_threads(1)
 # Prefect's telemetry service writes to the database during migrations ("database is locked") and
 # tries to reach an outside host this machine cannot see; sd2's own servers turn it off the same way.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Every test that is not about vLLM runs as on a machine without it (backend auto = transformers, no serve
+# stage), so its figures do not depend on what is installed; tests/test_vllm.py turns vLLM on for itself.
+os.environ.setdefault("SD2_VLLM", "off")
 
 
 @pytest.fixture(scope="session")

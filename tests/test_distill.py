@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from sd2_core.config import DistillConfig, SourceSpec
 from sd2_core.data.sources import load_source
 from sd2_core.distill import LEAK_MARKERS, build_distill_messages, distill_rows, leaks_prompt
 from sd2_core.errors import UserError
-from sd2_core.generation import GenerationOutput, TransformersGenerator, make_generator
+from sd2_core.generation import GenerationOutput, TransformersGenerator, make_generator, resolve_backend
 
 HELLO = [{"role": "user", "content": "Hello there"}]
 POEM = [{"role": "user", "content": "Write a long poem about the sea, with rhymes, in five stanzas please."}]
@@ -92,16 +90,27 @@ def test_bad_sampling_arguments_and_backends(generator, tiny_model, smollm2_toke
         generator.generate([HELLO], max_new_tokens=4, temperature=1.0, top_p=0.0, seed=0)
     with pytest.raises(UserError, match="unknown generation backend"):
         make_generator("tgi", model=tiny_model, tokenizer=smollm2_tokenizer)
-    with pytest.raises(UserError, match="model and tokenizer"):
+    with pytest.raises(UserError, match="tokenizer"):
         make_generator("transformers")
+    with pytest.raises(UserError, match="model and tokenizer"):
+        make_generator("transformers", tokenizer=smollm2_tokenizer)
+    with pytest.raises(UserError, match="running vLLM server"):
+        make_generator("vllm", tokenizer=smollm2_tokenizer)
     made = make_generator("transformers", tiny_model, smollm2_tokenizer, batch_size=3)
     assert isinstance(made, TransformersGenerator) and made.batch_size == 3
+    with pytest.raises(UserError, match=r"unknown generation backend 'tgi'; valid backends: auto, transformers, vllm"):
+        resolve_backend("tgi")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_vllm_backend_without_vllm_says_how_to_install(tmp_path):
-    with pytest.raises(UserError, match=r"pip install 'sd2\[vllm\]'"):
-        make_generator("vllm", model_path=tmp_path)
+def test_without_vllm_auto_is_transformers_and_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setenv("SD2_VLLM", "off")  # as on a machine without vLLM (conftest's default for these tests)
+    assert resolve_backend("auto", "cpu") == "transformers"
+    assert resolve_backend("transformers", "cuda") == "transformers"
+    with pytest.raises(UserError, match=r"not installed: bash scripts/setup_vllm\.sh"):
+        resolve_backend("vllm", "cpu")
+    monkeypatch.setenv("SD2_VLLM", "/nonexistent/vllm")
+    with pytest.raises(UserError, match="SD2_VLLM='/nonexistent/vllm' is not an executable"):
+        resolve_backend("auto", "cpu")
 
 
 # ---------------------------------------------------------------- the distillation prompt and leak check
