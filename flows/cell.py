@@ -47,13 +47,13 @@ def target_stages(config: CellConfig) -> dict[str, ArtifactRef]:
             source=source,
             cfg=config.distill,
         )
-    refs["reference"] = run_stage(
-        reference_task, "target-greedy-reference", store=store, target=refs["target"], cfg=config.mal
-    )
-    if serving_enabled(config.serve):
+    if serving_enabled(config.serve):  # right after distillation: the same vLLM server, still running
         refs["serve_target"] = run_stage(
             serve_target_task, "serve-target-alone", store=store, target=refs["target"], cfg=config.mal
         )
+    refs["reference"] = run_stage(
+        reference_task, "target-greedy-reference", store=store, target=refs["target"], cfg=config.mal
+    )
     return refs
 
 

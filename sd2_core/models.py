@@ -102,12 +102,13 @@ def smollm2_tokenizer_dir() -> Path:
 
 # The smoke profile's model shape; the tests' tiny-Llama factory starts from it too, so both stay one size.
 # Untied: a tiny random model with tied embeddings just repeats one token under greedy decoding.
+# head_dim 32 (64 / 2 heads): the smallest head size vLLM's CPU attention serves, so the smoke profile runs on vLLM too
 TINY_LLAMA_SHAPE = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
     tie_word_embeddings=False,
 )
 

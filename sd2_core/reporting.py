@@ -71,7 +71,7 @@ def cell_summary(config: CellConfig, refs: dict[str, ArtifactRef]) -> dict[str, 
             "lr": refs["finetune"].summary["lr"],
         },
         "distill": {
-            name.split("/", 1)[1]: {k: r.summary.get(k) for k in ("rows", "distilled", "fallbacks")}
+            name.split("/", 1)[1]: {k: r.summary.get(k) for k in ("rows", "distilled", "fallbacks", "engine")}
             for name, r in refs.items()
             if name.startswith("distill/")
         },
@@ -229,14 +229,20 @@ def results_tables(frame: pd.DataFrame) -> str:
     for target, draft in pairs:
         if len(pairs) > 1:
             lines += [f"### {_short(target)} ← {_short(draft)}", ""]
-        lines += ["| variant | stage | MAL | lossless | c | MAL/(k·c+1) |", "| --- | --- | --- | --- | --- | --- |"]
         rows = done[(done["target"] == target) & (done["draft"] == draft)]
+        served = bool(rows["served_speedup"].notna().any())  # vLLM columns only where the drafts were served
+        head = "| variant | stage | MAL | lossless | c | MAL/(k·c+1) |"
+        head += " vLLM MAL | served speed-up |" if served else ""
+        lines += [head, "|" + " --- |" * (head.count("|") - 1)]
         for _, r in rows.iterrows():
-            lines.append(
+            line = (
                 f"| {r['variant']} | {'SD²' if r['stage'] == 'sd2' else 'one-shot'} | {_fmt(r['mal'], '.3f')} | "
                 f"{int(r['lossless'])}/{int(r['lossless_total'])} | {_fmt(r['c'], '.3f')} | "
                 f"{_fmt(r['improvement_factor_theoretical'], '.3f')} |"
             )
+            if served:
+                line += f" {_fmt(r['served_vllm_mal'], '.3f')} | {_fmt(r['served_speedup'], '.2f')}× |"
+            lines.append(line)
         lines.append("")
     return "\n".join(lines)
 

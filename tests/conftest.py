@@ -34,7 +34,7 @@ def tiny_llama(smollm2_tokenizer) -> Callable[..., torch.nn.Module]:
 
     One factory so every test file builds its model the same way and says only what it really needs
     (vocabulary, depth, tied embeddings...). Defaults: the smoke profile's shape (``TINY_LLAMA_SHAPE``:
-    hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads, untied embeddings) and the real SmolLM2
+    hidden 64, intermediate 128, 2 layers, 2 heads of 32, 1 KV head, untied embeddings) and the real SmolLM2
     vocabulary. The same seed and config always give the same weights.
     """
     from transformers import LlamaConfig, LlamaForCausalLM

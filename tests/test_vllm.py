@@ -40,10 +40,9 @@ def folders(tmp_path_factory, tiny_llama, smollm2_tokenizer) -> dict[str, Path]:
     """A tiny target, a smaller tiny draft (same vocabulary), each a saved HF folder."""
     root = tmp_path_factory.mktemp("vllm-models")
     out = {}
-    shape = {"hidden_size": 128, "intermediate_size": 256}  # head_dim 32: vLLM's CPU attention has none below
     for name, model in (
-        ("target", tiny_llama(seed=1, num_hidden_layers=4, **shape)),
-        ("draft", tiny_llama(seed=1, num_hidden_layers=2, **shape)),
+        ("target", tiny_llama(seed=1, num_hidden_layers=4)),
+        ("draft", tiny_llama(seed=1, num_hidden_layers=2)),
     ):
         save_model(model, smollm2_tokenizer, root / name)
         out[name] = root / name
@@ -193,3 +192,47 @@ def test_an_exported_drafter_drafts_in_vllm(vllm_installed, folders, tmp_path):
         )
         drafts = server.metrics().get("vllm:spec_decode_num_drafts_total", 0.0)
     assert len(choice[0]["token_ids"]) == 8 and drafts > 0
+
+
+def test_smoke_cell_distils_on_vllm_and_serves_both_drafts(vllm_installed, prefect_api, tmp_path):
+    from flows.cell import cell_flow
+    from sd2_core.config import profile
+
+    config = profile("smoke", store=str(tmp_path / "store"))
+    first = cell_flow(config=config, return_state=True)
+    assert first.is_completed(), first.message
+    summary = first.result()
+    for stage in ("one_shot", "sd2"):
+        served = summary["served"][stage]
+        assert served["total"] >= 6 and served["identical"] == served["total"], served
+        assert served["engine"].startswith("vllm") and served["speedup"] > 0
+        assert served["sd2_mal"] == summary["mal"][stage]["overall"]
+    engines = {block["engine"] for block in summary["distill"].values()}
+    assert len(engines) == 1 and next(iter(engines)).startswith("vllm"), engines
+    again = cell_flow(config=config, return_state=True)  # every stage, served ones included, is a cache hit
+    assert again.is_completed() and again.result() == summary
+
+
+def test_vllm_and_transformers_greedy_on_smollm2(vllm_installed, smollm2_tokenizer):
+    """The embedded default, from one safetensors folder, float32 on both engines: the count of identical
+    greedy continuations is printed; near-ties may split the two engines' kernels, a template or EOS mismatch
+    would split all of them."""
+    from transformers import GenerationConfig
+
+    from sd2_core.chat import eos_ids
+    from sd2_core.models import builtin_dir
+    from sd2_core.vllm_server import vllm_server
+
+    folder = builtin_dir("smollm2-135m-instruct")
+    contexts = _contexts(smollm2_tokenizer, 12)
+    eos = eos_ids(smollm2_tokenizer, GenerationConfig.from_pretrained(folder))
+    expected = _greedy_transformers(folder, contexts, 32, set(eos))
+    with vllm_server(folder, dtype="float32") as server:
+        bodies = [
+            {"prompt": ids, "max_tokens": 32, "temperature": 0.0, "stop_token_ids": eos, "return_token_ids": True}
+            for ids in contexts
+        ]
+        served = [c["token_ids"] for c in server.complete(bodies, parallel=4)]
+    identical = sum(a == b for a, b in zip(served, expected, strict=True))
+    print(json.dumps({"smollm2_identical": identical, "of": len(contexts)}))
+    assert identical >= 2 * len(contexts) // 3, list(zip(served, expected, strict=True))
