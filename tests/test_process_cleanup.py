@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sd2_core.config import profile
 from sd2_core.processes import start_tethered
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the Linux process table")
@@ -226,14 +227,15 @@ def test_a_server_that_does_not_answer_in_time_is_a_clear_error_and_is_stopped(
 class Sd2Cell:
     """`sd2 cell --profile smoke` as a subprocess, with a private Prefect home; output goes to files."""
 
-    def __init__(self, tmp_path: Path, name: str):
+    def __init__(self, tmp_path: Path, name: str, config: Path | None = None):
         self.store = tmp_path / "store"
         self.stdout, self.stderr = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # its own SQLite database
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                [SD2, "cell", "--profile", "smoke", "--store", str(self.store), "--json"],
+                [SD2, "cell", *(["--config", str(config)] if config else ["--profile", "smoke"])]
+                + ["--store", str(self.store), "--json"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -308,7 +310,13 @@ def test_killed_sd2_leaves_nothing_running_and_a_rerun_resumes(tmp_path: Path, c
 def test_sigterm_and_ctrl_c_stop_sd2_and_its_server(
     tmp_path: Path, cells: list[Sd2Cell], sig: signal.Signals, code: int, message: str
 ) -> None:
-    cell = Sd2Cell(tmp_path, "stopped")
+    # a smoke cell whose fine-tuning lasts minutes: the signal always lands while the flow runs, never after it
+    config = tmp_path / "long-smoke-cell.json"
+    long = profile("smoke")
+    config.write_text(
+        long.model_copy(update={"finetune": long.finetune.model_copy(update={"steps": 100_000})}).model_dump_json()
+    )
+    cell = Sd2Cell(tmp_path, "stopped", config)
     cells.append(cell)
     _, port, server = cell.server()
     supervisor = int(stat(server)[1])
