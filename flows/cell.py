@@ -1,5 +1,6 @@
 """The SD² cell flow: distill → prune → MAL (one-shot) → fine-tune → MAL (SD²), each a cached task; where vLLM is
-installed, each MAL stage is followed by the draft served with vLLM (serve)."""
+installed, each MAL stage is followed by the draft served with vLLM (serve). The target (once per target) and each
+draft are then evaluated: accuracy (lm-eval), perplexity and decode latency, each where its config enables it."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ from sd2_core.reporting import cell_markdown, cell_summary
 from sd2_core.serve_bench import serving_enabled
 from sd2_core.store import ArtifactRef, Store
 from tasks.stage_tasks import (
+    accuracy_task,
     distill_task,
     finetune_task,
+    latency_task,
     layer_prune_task,
     mal_task,
     materialize_task,
+    perplexity_task,
     prune_task,
     reference_task,
     run_stage,
@@ -54,7 +58,20 @@ def target_stages(config: CellConfig) -> dict[str, ArtifactRef]:
     refs["reference"] = run_stage(
         reference_task, "target-greedy-reference", store=store, target=refs["target"], cfg=config.mal
     )
+    evaluation_stages(config, refs, "target", "target")
     return refs
+
+
+def evaluation_stages(config: CellConfig, refs: dict[str, ArtifactRef], model: str, label: str) -> None:
+    """What a model is judged by besides MAL, as refs["<measure>_<label>"]: accuracy, perplexity, latency."""
+    for measure, task_, cfg in (
+        ("accuracy", accuracy_task, config.accuracy),
+        ("perplexity", perplexity_task, config.perplexity),
+        ("latency", latency_task, config.latency),
+    ):
+        if cfg.enabled:
+            name = f"{measure}-{label.replace('_', '-')}"
+            refs[f"{measure}_{label}"] = run_stage(task_, name, store=config.store, model=refs[model], cfg=cfg)
 
 
 @flow(name="sd2-distill", flow_run_name="distill-{config.target}")
@@ -112,10 +129,12 @@ def cell_flow(config: CellConfig = CellConfig()) -> dict[str, Any]:  # noqa: B00
     distilled = [refs[f"distill/{source.kind}"] for source in config.sources]
     refs["prune"] = one_shot_stage(config, refs["draft"])
     mal_stage(config, refs, "prune", "one_shot")
+    evaluation_stages(config, refs, "prune", "one_shot")
     refs["finetune"] = run_stage(
         finetune_task, "finetune", store=store, draft=refs["prune"], distilled=distilled, cfg=config.finetune
     )
     mal_stage(config, refs, "finetune", "sd2")
+    evaluation_stages(config, refs, "finetune", "sd2")
     summary = cell_summary(config, refs)
     create_markdown_artifact(cell_markdown(summary), key="sd2-cell-summary", description="SD² cell result")
     return summary

@@ -170,6 +170,33 @@ def cmd_mal(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core.accuracy import accuracy_recipe
+    from sd2_core.artifacts import produce
+
+    base = _base_config(args)
+    store = _store(args, base)
+    tasks = [t for t in args.tasks.split(",") if t.strip()] if args.tasks is not None else None
+    cfg = _update(base.accuracy, tasks=tasks, source=args.source, batch_size=args.batch_size)
+    if args.limit is not None or args.all_items:
+        cfg = type(cfg).model_validate({**cfg.model_dump(), "limit": None if args.all_items else args.limit})
+    model = _model(store, args.model)
+    result = produce(store, accuracy_recipe(store, model, cfg), _progress)
+    return {**result.summary, "artifacts": {"accuracy": result.uri, "model": model.uri}}
+
+
+def cmd_perplexity(args: argparse.Namespace) -> dict[str, Any]:
+    from sd2_core.artifacts import produce
+    from sd2_core.perplexity import perplexity_recipe
+
+    base = _base_config(args)
+    store = _store(args, base)
+    cfg = _update(base.perplexity, **_given(args, "context_len", "stride", "max_tokens"), uri=args.text)
+    model = _model(store, args.model)
+    result = produce(store, perplexity_recipe(store, model, cfg), _progress)
+    return {**result.summary, "artifacts": {"perplexity": result.uri, "model": model.uri}}
+
+
 def cmd_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     from sd2_core.artifacts import produce
     from sd2_core.serve_bench import check_pair, serve_bench_recipe, served_target_recipe
@@ -382,6 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-category", type=int, help="first N prompts of each category")
     p.add_argument("--batch-size", type=int, help="sequences decoded together, each with its own acceptance (1)")
     p.set_defaults(fn=cmd_mal)
+
+    p = sub.add_parser("accuracy", help="OpenLLM-v1 accuracy of a model through lm-eval (offline on shipped subsets)")
+    common(p)
+    p.add_argument("model", help="model reference: built-in name, prune/<key>, finetune/<key>, a folder or a hub id")
+    p.add_argument(
+        "--tasks",
+        help="comma-separated: arc_challenge, hellaswag, truthfulqa_mc2, winogrande, gsm8k, mmlu (default: profile)",
+    )
+    p.add_argument("--limit", type=int, help="first N items per task (MMLU: per subject); default: the profile's")
+    p.add_argument("--all-items", action="store_true", help="score every item (no limit)")
+    p.add_argument("--source", choices=["embedded", "hub"], help="shipped subsets (default) or lm-eval's hub data")
+    p.add_argument("--batch-size", type=int)
+    p.set_defaults(fn=cmd_accuracy)
+
+    p = sub.add_parser("perplexity", help="WikiText-2 perplexity of a model (the shipped raw test split)")
+    common(p)
+    p.add_argument("model", help="model reference: built-in name, prune/<key>, finetune/<key>, a folder or a hub id")
+    p.add_argument("--text", help="'embedded' (WikiText-2 test) or a local text file")
+    p.add_argument("--context-len", type=int)
+    p.add_argument("--stride", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.set_defaults(fn=cmd_perplexity)
 
     p = sub.add_parser(
         "serve-bench", help="vLLM serving the target alone, then with the draft as its speculative model (needs vLLM)"

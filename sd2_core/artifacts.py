@@ -35,7 +35,21 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 Build = Callable[[Path, Progress | None], dict[str, Any]]
 
-STAGES = ("model", "distill", "prune", "layerprune", "finetune", "reference", "mal", "serve_target", "serve", "results")
+STAGES = (
+    "model",
+    "distill",
+    "prune",
+    "layerprune",
+    "finetune",
+    "reference",
+    "mal",
+    "serve_target",
+    "serve",
+    "accuracy",
+    "perplexity",
+    "latency",
+    "results",
+)
 # Modules that name, move or check bytes but never compute them: their edits keep cached results valid.
 # (config's values are part of every key already; the store and this module only address artifacts.)
 PLUMBING = frozenset({"sd2_core", "sd2_core.artifacts", "sd2_core.store", "sd2_core.errors", "sd2_core.config"})

@@ -21,6 +21,7 @@ Backend = Literal["auto", "transformers", "vllm"]
 ProfileName = Literal["smoke", "cpu", "paper"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 PruneMethod = Literal["sparsegpt", "layer", "none"]
+SparsityDistribution = Literal["uniform", "owl", "angular"]
 VARIANTS_HELP = (
     "dense (no pruning), layer-P (drop P % of the decoder blocks by angular distance), sgpt-P (SparseGPT at P % "
     "unstructured sparsity) or sgpt-N:M (SparseGPT N:M), e.g. dense, layer-50, sgpt-50, sgpt-66, sgpt-75, sgpt-2:4"
@@ -109,6 +110,18 @@ class PruneConfig(_Placed):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size")
     percdamp: float = Field(0.01, gt=0.0, description="Hessian dampening as a fraction of mean(diag(H))")
+    distribution: SparsityDistribution = Field(
+        "uniform",
+        description="how SparseGPT spreads an unstructured `sparsity` over the decoder layers (mean = sparsity): "
+        "uniform: every layer at `sparsity` (the paper's choice); owl: layers with more outliers |W|·‖X‖ above "
+        "owl_threshold_m × their layer's mean keep more weights; angular: blocks whose output differs more (angular "
+        "distance) from their input keep more weights. Both score the dense model and spread the layers over 2 × "
+        "owl_lambda by OWL's min-max scaling. Not for N:M patterns",
+    )
+    owl_threshold_m: float = Field(5.0, gt=0.0, description="owl: a score is an outlier above M × its layer's mean")
+    owl_lambda: float = Field(
+        0.08, gt=0.0, description="owl/angular: λ, half the spread of the layer sparsities; < min(s, 1 - s)"
+    )
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -126,6 +139,15 @@ class PruneConfig(_Placed):
             raise UserError(
                 f"layer pruning drops a fraction of the blocks; sparsity {self.sparsity!r} is an N:M pattern"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _distribution_fits(self) -> PruneConfig:
+        if self.method == "sparsegpt":  # the other methods never read it
+            from sd2_core.pruning.distribution import check_distribution
+            from sd2_core.pruning.sparsity import parse_sparsity
+
+            check_distribution(self.distribution, parse_sparsity(self.sparsity), self.owl_lambda, self.owl_threshold_m)
         return self
 
     @property
@@ -183,7 +205,22 @@ class FinetuneConfig(_Placed):
     )
     max_seq_len: int = Field(384, ge=16, description="tokens per training sequence (longer ones are cut)")
     learning_rate: float | None = Field(
-        None, gt=0.0, description="None = the project's default for the draft's size and sparsity (learning_rates.py)"
+        None,
+        gt=0.0,
+        description="peak learning rate, used as given; None = the SD² paper's rate (Appendix A) for the draft's "
+        "size and kind of sparsity (sd2_core/learning_rates.py), times lr_scale",
+    )
+    lr_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="multiplies the Appendix A default (never an explicit learning_rate); the cpu profile uses 8 "
+        "because it trains for 40 steps instead of 16k",
+    )
+    high_sparsity_steps_factor: float = Field(
+        2.0,
+        gt=0.0,
+        description="drafts at >= 75 % sparsity train this many times `steps` (paper: 2, 32k instead of 16k steps); "
+        "the finetune summary's `steps` is the count trained",
     )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="linear warm-up fraction of the steps")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -219,6 +256,86 @@ class MalConfig(_Placed):
     )
 
 
+OPENLLM_V1 = ("arc_challenge", "hellaswag", "truthfulqa_mc2", "winogrande", "gsm8k", "mmlu")
+
+
+class AccuracyConfig(_Placed):
+    """Accuracy on the OpenLLM-v1 suite through lm-eval (sd2_core.accuracy), at each task's standard shots."""
+
+    enabled: bool = Field(True, description="score the target and both drafts of every cell")
+    tasks: tuple[str, ...] = Field(
+        OPENLLM_V1,
+        description="lm-eval tasks at their OpenLLM-v1 shots and metrics: arc_challenge (25-shot, acc_norm), "
+        "hellaswag (10, acc_norm), truthfulqa_mc2 (0, acc), winogrande (5, acc), gsm8k (5, exact match), mmlu (5, acc)",
+    )
+    limit: int | None = Field(
+        None, description="items scored per task, the first N (MMLU: per subject); None = every item of the data"
+    )
+    limits: dict[str, int] = Field(
+        default_factory=dict,
+        description='per-task limits that replace `limit` for those tasks, e.g. {"mmlu": 1} (one per subject)',
+    )
+    source: Literal["embedded", "hub"] = Field(
+        "embedded",
+        description="embedded: the subsets shipped with sd2 (offline; lm-eval's task definitions on local files); "
+        "hub: lm-eval's own tasks and data from the Hugging Face hub",
+    )
+    batch_size: int = Field(8, ge=1, description="requests lm-eval scores together")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _known_tasks(cls, value: object) -> tuple[str, ...]:
+        from sd2_core.accuracy import check_tasks
+
+        return check_tasks([value] if isinstance(value, str) else list(value))
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _positive_limit(cls, value: object) -> int | None:
+        from sd2_core.accuracy import check_limit
+
+        return check_limit(value)
+
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _task_limits(cls, value: object) -> dict[str, int]:
+        from sd2_core.accuracy import check_limit, check_tasks
+
+        limits = dict(value or {})  # type: ignore[call-overload]
+        if limits:
+            check_tasks(list(limits))
+        return {task: check_limit(limit) for task, limit in limits.items()}
+
+    def limit_of(self, task: str) -> int | None:
+        """The number of items scored for `task`."""
+        return self.limits.get(task, self.limit)
+
+
+class PerplexityConfig(_Placed):
+    """WikiText-2 perplexity (sd2_core.perplexity): windows of `context_len` tokens every `stride` tokens."""
+
+    enabled: bool = Field(True, description="measure the target and both drafts of every cell")
+    uri: str = Field(
+        "embedded", description="'embedded' (the WikiText-2 raw test split shipped with sd2) or a local text file"
+    )
+    context_len: int = Field(512, ge=8, description="tokens per window")
+    stride: int = Field(
+        512, ge=1, description="tokens between window starts; = context_len: disjoint windows (as SparseGPT evaluates)"
+    )
+    max_tokens: int | None = Field(
+        None, ge=2, description="score only the first N tokens of the text (None = all of it)"
+    )
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> PerplexityConfig:
+        if self.stride > self.context_len:
+            raise UserError(
+                f"stride {self.stride} is longer than context_len {self.context_len}: tokens between windows would "
+                f"never be scored; valid: 1 .. {self.context_len}"
+            )
+        return self
+
+
 class ServeConfig(_Frozen):
     """The served benchmark: vLLM alone and with the draft (sd2_core.serve_bench), after each MAL stage, on the MAL
     stage's prompts, k, token limit and precision."""
@@ -226,6 +343,20 @@ class ServeConfig(_Frozen):
     enabled: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: run where vLLM is installed (scripts/setup_vllm.sh); on: require it; off: skip"
     )
+
+
+class LatencyConfig(_Placed):
+    """Measured forward latency of ONE decode step at a fixed context (sd2_core.latency), the way the SD² paper
+    measures the latency cost factor c_lat = draft latency / target latency."""
+
+    enabled: bool = Field(True, description="time the target and both drafts of every cell")
+    context_len: int = Field(256, ge=1, description="tokens in the KV cache before the timed decode step")
+    min_run_time_s: float = Field(
+        20.0,
+        gt=0.0,
+        description="seconds torch.utils.benchmark's blocked_autorange keeps repeating the step (paper: >= 20 s)",
+    )
+    batch_size: int = Field(1, ge=1, description="sequences decoded together in the timed step (paper: 1)")
 
 
 class CellConfig(_Frozen):
@@ -248,6 +379,9 @@ class CellConfig(_Frozen):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     mal: MalConfig = Field(default_factory=MalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    accuracy: AccuracyConfig = Field(default_factory=AccuracyConfig)
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
 
     @property
     def variant(self) -> str:
@@ -266,7 +400,20 @@ class CellConfig(_Frozen):
 # its default stays the embedded model so that the form always validates).
 PROFILE_MODELS = {"smoke": "tiny-random-llama", "cpu": "smollm2-135m-instruct", "paper": "smollm2-135m-instruct"}
 PROFILE_MODELS_HELP = ", ".join(f"{k}: {v}" for k, v in PROFILE_MODELS.items())
+# The variants a profile's grid runs when it names none: the paper's grid has its 66 % drafts too; the small
+# profiles keep four, each cell costing minutes on a laptop.
+_SMALL_GRID = ("layer-50", "sgpt-50", "sgpt-2:4", "sgpt-75")
+PROFILE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "smoke": _SMALL_GRID,
+    "cpu": _SMALL_GRID,
+    "paper": ("layer-50", "sgpt-50", "sgpt-2:4", "sgpt-66", "sgpt-75"),
+}
+PROFILE_VARIANTS_HELP = "; ".join(f"{k}: {', '.join(v)}" for k, v in PROFILE_VARIANTS.items())
 
+
+# Items per accuracy task on the cpu profile (MMLU: 1 per subject, 57), so that one model's whole suite takes about
+# 5 minutes on a 2-core laptop in float32: a 25-shot ARC item is 4 prompts of ~1100 tokens (~15 s here).
+CPU_ACCURACY_LIMIT = 5
 
 # The paper profile's placement of every stage; smoke and cpu keep the defaults (cpu, float32).
 GPU = {"device": "cuda", "dtype": "bfloat16"}
@@ -288,11 +435,20 @@ def profile(name: str, **overrides: object) -> CellConfig:
             prune=PruneConfig(calibration=CalibrationConfig(n_samples=4, seq_len=32)),
             finetune=FinetuneConfig(steps=4, batch_size=2, max_seq_len=64, learning_rate=1e-3),
             mal=MalConfig(k=3, max_new_tokens=8, per_category=1),
+            accuracy=AccuracyConfig(tasks=("winogrande",), limit=2),
+            perplexity=PerplexityConfig(context_len=64, stride=64, max_tokens=256),
+            latency=LatencyConfig(context_len=32, min_run_time_s=0.2),
         )
     elif name == "cpu":
         base = CellConfig(
             profile="cpu",
+            # 40 steps instead of the paper's 16k: 8 × Appendix A's 1.25e-5 for a ~135M draft at 50 % is 1e-4, the
+            # rate the project's placeholder table gave that draft before the paper's table replaced it
+            finetune=FinetuneConfig(lr_scale=8.0),
             mal=MalConfig(per_category=2, max_new_tokens=64),
+            accuracy=AccuracyConfig(limit=CPU_ACCURACY_LIMIT, limits={"mmlu": 1}),
+            perplexity=PerplexityConfig(max_tokens=8192),
+            latency=LatencyConfig(min_run_time_s=5.0),
         )
     elif name == "paper":
         base = CellConfig(
@@ -312,14 +468,18 @@ def profile(name: str, **overrides: object) -> CellConfig:
                 steps=16_000, batch_size=8, micro_batch_size=1, max_seq_len=8192, gradient_checkpointing=True, **GPU
             ),
             mal=MalConfig(max_new_tokens=1024, **GPU),
+            accuracy=AccuracyConfig(source="hub", batch_size=32, **GPU),
+            perplexity=PerplexityConfig(context_len=2048, stride=2048, **GPU),
+            latency=LatencyConfig(**GPU),
         )
     else:
         raise UserError(f"unknown profile {name!r}; valid profiles: smoke, cpu, paper")
     return CellConfig.model_validate({**base.model_dump(), **overrides}) if overrides else base
 
 
-OVERRIDABLE = ("sources", "distill", "prune", "finetune", "mal", "serve")
-PLACED = ("distill", "prune", "finetune", "mal")  # the stages that load models, each with device and dtype
+OVERRIDABLE = ("sources", "distill", "prune", "finetune", "mal", "serve", "accuracy", "perplexity", "latency")
+# the stages that load models, each with device and dtype
+PLACED = ("distill", "prune", "finetune", "mal", "accuracy", "perplexity", "latency")
 
 
 def placement_overrides(device: str | None = None, dtype: str | None = None) -> dict[str, dict[str, str]]:
@@ -359,9 +519,9 @@ class GridConfig(_Frozen):
         f"ids; empty = the profile's model ({PROFILE_MODELS_HELP})",
     )
     variants: list[str] = Field(
-        default_factory=lambda: ["layer-50", "sgpt-50", "sgpt-2:4", "sgpt-75"],
+        default_factory=list,
         min_length=1,
-        description=VARIANTS_HELP,
+        description=f"{VARIANTS_HELP}; empty = the profile's variants ({PROFILE_VARIANTS_HELP})",
     )
     profile: ProfileName = Field("cpu", description="sizes of every stage: smoke (tests), cpu (laptop), paper (GPUs)")
     store: str = Field("./sd2-store", description="artifact store: local folder or s3://bucket/prefix")
@@ -376,13 +536,17 @@ class GridConfig(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _profile_models(cls, data: Any) -> Any:
-        """Targets or drafts left empty are the profile's model: a smoke grid is tiny unless models are named."""
+        """Targets, drafts or variants left empty are the profile's: a smoke grid is tiny unless models are named,
+        and the paper's grid runs the paper's variants."""
         if not isinstance(data, dict):
             return data
         name = data.get("profile") or "cpu"
         if name not in PROFILE_MODELS:
             return data  # the field validator names the valid profiles
-        return {**data, **{f: [PROFILE_MODELS[name]] for f in ("targets", "drafts") if not data.get(f)}}
+        filled = {f: [PROFILE_MODELS[name]] for f in ("targets", "drafts") if not data.get(f)}
+        if not data.get("variants"):
+            filled["variants"] = list(PROFILE_VARIANTS[name])
+        return {**data, **filled}
 
     @field_validator("overrides")
     @classmethod

@@ -11,7 +11,9 @@ weight, True = keep), the same keying as ``sd2_core.pruning.model_pruner.nonzero
 parameter name ("model.layers.0.self_attn.q_proj.weight") is accepted too.
 
 Loss is on the last assistant turn only (``sd2_core.chat.tokenize_chat_example``). `finetune_recipe` is
-the `finetune` stage.
+the `finetune` stage. Unless the config sets it, the learning rate is the SD² paper's for the draft's size and
+kind of sparsity (``sd2_core.learning_rates``), and drafts at 75 % sparsity or more train
+``high_sparsity_steps_factor`` times the steps (the paper: 32k instead of 16k); the manifest says which.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +33,7 @@ from sd2_core.artifacts import Progress, Recipe, write_json
 from sd2_core.chat import IGNORE_INDEX, tokenize_chat_example
 from sd2_core.config import FinetuneConfig
 from sd2_core.errors import UserError
-from sd2_core.learning_rates import default_learning_rate
+from sd2_core.learning_rates import learning_rate_choice
 from sd2_core.models import count_parameters, load_artifact, save_model, stored_parameters
 from sd2_core.placement import Placement, check_fits, placement_of
 from sd2_core.pruning.structure import measure_sparsity, nonzero_masks, params_summary
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0  # gradient clipping, as in common SFT recipes (HF Trainer's default)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+HIGH_SPARSITY = 0.75  # the paper trains its 75 % drafts twice as long (FinetuneConfig.high_sparsity_steps_factor)
 
 
 # ---------------------------------------------------------------- masks
@@ -127,6 +130,16 @@ def _step_loss(model, batch: dict[str, Tensor], micro: int, placement: Placement
     return step_loss
 
 
+def learning_rate(cfg: FinetuneConfig, num_params: int, sparsity: float, kind: str | None = None) -> tuple[float, str]:
+    """The peak learning rate and where it came from: the config's as given, else Appendix A's times lr_scale."""
+    if cfg.learning_rate is not None:
+        return cfg.learning_rate, "set in the config (learning_rate)"
+    choice = learning_rate_choice(num_params, sparsity, kind)
+    if cfg.lr_scale == 1.0:
+        return choice.lr, choice.source
+    return choice.lr * cfg.lr_scale, f"{choice.source}: {choice.lr:g} × lr_scale {cfg.lr_scale:g}"
+
+
 def finetune_sparse(
     model,
     tokenizer,
@@ -136,12 +149,14 @@ def finetune_sparse(
     num_params_for_lr: int | None = None,
     sparsity_for_lr: float = 0.0,
     progress: Progress | None = None,
+    kind_for_lr: str | None = None,
 ) -> dict:
     """Fine-tune ``model`` in place on chat rows ``{"messages": [...]}``, pruned weights held at zero.
 
     ``masks`` (module name -> bool keep-mask) default to the current non-zeros of the decoder
-    Linear weights. The learning rate is ``cfg.learning_rate``, else the size/sparsity default of
-    ``default_learning_rate`` (``num_params_for_lr`` defaults to the model's parameter count).
+    Linear weights. The learning rate is ``cfg.learning_rate``, else the paper's for the draft (`learning_rate`:
+    ``num_params_for_lr``, default the model's parameter count; ``sparsity_for_lr``; ``kind_for_lr``, one of
+    ``learning_rates.KINDS``, default dense at sparsity 0, else unstructured). ``cfg.steps`` is the step count.
     The model's own weights are the master weights (float32 when loaded by the stage); a bfloat16 or
     float16 ``cfg.dtype`` trains under autocast to it. Returns per-step losses and throughput; the model
     is left in eval mode.
@@ -173,11 +188,8 @@ def finetune_sparse(
     if pad_id is None:
         raise UserError("the tokenizer has neither a pad nor an eos token to pad batches with")
 
-    if cfg.learning_rate is not None:
-        lr = cfg.learning_rate
-    else:
-        lr = default_learning_rate(num_params_for_lr or count_parameters(model), sparsity_for_lr)
-        log.info("learning rate %.3g from the size/sparsity table (sparsity %.3f)", lr, sparsity_for_lr)
+    lr, lr_source = learning_rate(cfg, num_params_for_lr or count_parameters(model), sparsity_for_lr, kind_for_lr)
+    log.info("learning rate %.3g: %s", lr, lr_source)
 
     fixed = _resolve_masks(model, nonzero_masks(model) if masks is None else masks)
     device = next(model.parameters()).device
@@ -241,6 +253,7 @@ def finetune_sparse(
     return {
         "losses": losses,
         "lr": lr,
+        "lr_source": lr_source,
         "steps": cfg.steps,
         "tokens": tokens,
         "skipped": skipped,
@@ -249,12 +262,58 @@ def finetune_sparse(
     }
 
 
+class DraftVariant(NamedTuple):
+    """What the learning-rate table and the step count need to know of the draft being fine-tuned."""
+
+    kind: str  # one of learning_rates.KINDS
+    sparsity: float  # the pruning stage's target (2:4 = 0.5), 0 for a dense draft
+    base_params: int | None  # the parameter count of the model it was pruned from, when the draft lost some
+
+
+def draft_variant(store: Store, draft: ArtifactRef) -> DraftVariant:
+    """The draft's kind of sparsity and its target, from the stage that made it (its manifest)."""
+    from sd2_core.pruning.sparsity import parse_sparsity
+
+    if draft.stage == "model":
+        return DraftVariant("dense", 0.0, None)
+    if draft.stage == "prune" and draft.summary.get("sparsity_target"):
+        spec = parse_sparsity(draft.summary["sparsity_target"])
+        return DraftVariant("nm" if spec.is_nm else "unstructured", spec.fraction, None)
+    manifest = store.manifest(draft.stage, draft.key)
+    summary = {**manifest.get("summary", {}), **draft.summary}
+    if draft.stage in ("prune", "layerprune"):
+        spec = parse_sparsity(summary.get("sparsity_target") or manifest["config"]["sparsity"])
+        if draft.stage == "prune":
+            return DraftVariant("nm" if spec.is_nm else "unstructured", spec.fraction, None)
+        # the paper's rows are the models layer pruning starts from, before their blocks were dropped
+        base = next(
+            (i["summary"].get("total_params") for i in manifest.get("inputs", []) if i["stage"] == "model"), None
+        )
+        return DraftVariant("layer", spec.fraction, base)
+    if summary.get("sparsity_kind"):  # an already fine-tuned draft keeps what its own fine-tuning found
+        return DraftVariant(summary["sparsity_kind"], summary["sparsity_target_fraction"], summary.get("lr_params"))
+    measured = float(summary.get("sparsity", 0.0))
+    return DraftVariant("dense" if measured == 0 else "unstructured", measured, None)
+
+
+def steps_factor(cfg: FinetuneConfig, sparsity: float) -> float:
+    """How many times `steps` this draft trains: high_sparsity_steps_factor at >= 75 % sparsity, else 1."""
+    return cfg.high_sparsity_steps_factor if sparsity >= HIGH_SPARSITY - 1e-9 else 1.0
+
+
+def trained_steps(cfg: FinetuneConfig, sparsity: float) -> int:
+    """The optimizer steps this draft trains (at least one)."""
+    return max(1, round(cfg.steps * steps_factor(cfg, sparsity)))
+
+
 def finetune_recipe(store: Store, draft: ArtifactRef, distilled: list[ArtifactRef], cfg: FinetuneConfig) -> Recipe:
     """The `finetune` stage: the pruned draft fine-tuned on the distilled mix, pruned weights held at zero."""
     from sd2_core.data.mixing import mix_examples
     from sd2_core.data.sources import read_records
 
     placement = placement_of(cfg)  # refuses a device this machine lacks before anything loads
+    variant = draft_variant(store, draft)
+    run = cfg.model_copy(update={"steps": trained_steps(cfg, variant.sparsity)})
 
     def build(out: Path, progress: Progress | None) -> dict[str, Any]:
         sources: dict[str, list[dict[str, Any]]] = {}
@@ -262,7 +321,7 @@ def finetune_recipe(store: Store, draft: ArtifactRef, distilled: list[ArtifactRe
             kind = ref.summary.get("kind") or store.manifest(ref.stage, ref.key)["config"]["source"]["kind"]
             sources[kind] = read_records(store.local_dir(ref) / "data.jsonl")
         weights = {k: w for k, w in cfg.mix.items() if k in sources or w > 0}
-        examples = mix_examples(sources, weights, cfg.steps * cfg.batch_size, cfg.seed)
+        examples = mix_examples(sources, weights, run.steps * run.batch_size, cfg.seed)
         # weights, gradients and AdamW's two moments, all float32: four copies of the draft on the device
         check_fits(
             f"fine-tuning the draft {draft.key}",
@@ -272,22 +331,28 @@ def finetune_recipe(store: Store, draft: ArtifactRef, distilled: list[ArtifactRe
             factor=4,
         )
         model, tokenizer = load_artifact(store, draft, dtype=torch.float32, device=placement.device)
-        before = measure_sparsity(model)
+        lr_params = variant.base_params or measure_sparsity(model)["total_params"]
         result = finetune_sparse(
             model,
             tokenizer,
             examples,
-            cfg,
-            num_params_for_lr=before["total_params"],
-            sparsity_for_lr=before["overall"],
+            run,
+            num_params_for_lr=lr_params,
+            sparsity_for_lr=variant.sparsity,
             progress=progress,
+            kind_for_lr=variant.kind,
         )
         save_model(model, tokenizer, out)
         write_json(out / "losses.json", result)
         return {
             **params_summary(measure_sparsity(model)),
             "lr": result["lr"],
+            "lr_source": result["lr_source"],
+            "lr_params": lr_params,
+            "sparsity_kind": variant.kind,
+            "sparsity_target_fraction": variant.sparsity,
             "steps": result["steps"],
+            "steps_factor": steps_factor(cfg, variant.sparsity),
             "loss_first": result["losses"][0],
             "loss_last": result["losses"][-1],
             "tokens_per_second": result["tokens_per_second"],

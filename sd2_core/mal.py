@@ -242,6 +242,7 @@ def reference_recipe(store: Store, target: ArtifactRef, cfg: MalConfig) -> Recip
 def mal_recipe(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: ArtifactRef, cfg: MalConfig) -> Recipe:
     """The `mal` stage: MAL of the draft against the target, lossless check, MACs per token and improvement factor."""
     from sd2_core.chat import mean_prompt_len
+    from sd2_core.confidence import mal_interval, prompt_counts
     from sd2_core.macs import cost_ratio, improvement_factor
     from sd2_core.models import load_artifact
 
@@ -274,9 +275,13 @@ def mal_recipe(store: Store, target: ArtifactRef, draft: ArtifactRef, ref: Artif
         result["macs_per_token"] = {"draft": cost["draft"], "target": cost["target"], "context_len_mean": prompt_len}
         result["c"] = cost["c"]
         result["improvement_factor_theoretical"] = improvement_factor(result["mal"], cfg.k, cost["c"])
+        counts = prompt_counts(result["per_prompt"])
+        result["mal_ci"] = mal_interval(counts)
         write_json(out / "mal.json", result)
         return {
             "mal": result["mal"],
+            "mal_ci": result["mal_ci"],
+            "prompt_counts": counts,  # what a paired comparison of two drafts resamples
             "mal_per_category": result["mal_per_category"],
             "lossless": result["lossless"],
             "macs_per_token": {"draft": cost["draft"]["total"], "target": cost["target"]["total"]},

@@ -26,15 +26,26 @@ def _label(frame: pd.DataFrame) -> pd.Series:
     return label
 
 
-def _grouped_bars(frame: pd.DataFrame, column: str, ylabel: str, title: str, out: Path) -> Path:
+def _grouped_bars(
+    frame: pd.DataFrame, column: str, ylabel: str, title: str, out: Path, interval: tuple[str, str] | None = None
+) -> Path:
+    """Bars per variant, one-shot beside SD²; `interval` names the (low, high) columns drawn as error bars."""
     frame = frame.assign(label=_label(frame))
     wide = frame.pivot_table(index="label", columns="stage", values=column, sort=False)
+    bounds = None
+    if interval and frame[interval[0]].notna().any():
+        bounds = [frame.pivot_table(index="label", columns="stage", values=c, sort=False) for c in interval]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(wide) + 2), 3.8))
     width = 0.38
     for i, stage in enumerate(s for s in STAGE_STYLE if s in wide.columns):
         name, color = STAGE_STYLE[stage]
         xs = [j + (i - 0.5) * width for j in range(len(wide))]
-        bars = ax.bar(xs, wide[stage].values, width, label=name, color=color)
+        yerr = None
+        if bounds is not None:
+            values = wide[stage].values
+            low, high = (b.reindex(wide.index)[stage].values for b in bounds)
+            yerr = [values - low, high - values]
+        bars = ax.bar(xs, wide[stage].values, width, label=name, color=color, yerr=yerr, capsize=3)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(wide)), wide.index, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
@@ -86,5 +97,30 @@ def draw_all(frame: pd.DataFrame, folder: Path) -> list[Path]:
             "Theoretical improvement factor per variant",
             folder / "improvement_factor.png",
         ),
-        _grouped_bars(done, "mal", "mean accepted length", "MAL one-shot vs SD² per variant", folder / "mal.png"),
+        _grouped_bars(
+            done,
+            "mal",
+            "mean accepted length",
+            "MAL one-shot vs SD² per variant (95 % bootstrap CI)",
+            folder / "mal.png",
+            interval=("mal_lo", "mal_hi"),
+        ),
+        *_evaluation_plots(done, folder),
     ]
+
+
+def _evaluation_plots(done: pd.DataFrame, folder: Path) -> list[Path]:
+    """Accuracy and perplexity bars, where the cells measured them."""
+    plots = []
+    if done["improvement_factor_practical"].notna().any():
+        title = "Practical improvement factor MAL / (k·c_lat + 1), measured latency"
+        plots.append(
+            _grouped_bars(done, "improvement_factor_practical", "speed-up", title, folder / "improvement_practical.png")
+        )
+    if done["acc_average"].notna().any():
+        title = "OpenLLM-v1 average accuracy (lm-eval)"
+        plots.append(_grouped_bars(done, "acc_average", "accuracy", title, folder / "accuracy.png"))
+    if done["perplexity"].notna().any():
+        title = "WikiText-2 perplexity (lower is better)"
+        plots.append(_grouped_bars(done, "perplexity", "perplexity", title, folder / "perplexity.png"))
+    return plots

@@ -11,7 +11,7 @@ from sd2_core.store import Store
 
 def _finetune(config: dict[str, Any], summary: dict[str, Any]) -> str:
     loss = f"{summary.get('loss_first', 0):.3f} → {summary.get('loss_last', 0):.3f}"
-    return f"{config.get('steps')} steps, lr {summary.get('lr')}: loss {loss}"
+    return f"{summary.get('steps', config.get('steps'))} steps, lr {summary.get('lr')}: loss {loss}"
 
 
 # A few words per stage that say which artifact this is, from its config and summary.
@@ -26,6 +26,11 @@ _DESCRIBE: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]] = {
     "finetune": _finetune,
     "reference": lambda c, s: f"greedy reference, {s.get('prompts')} prompts × {c.get('max_new_tokens')} tokens",
     "mal": lambda c, s: f"k={c.get('k')}: MAL {s.get('mal', 0):.3f}, c {s.get('c', 0):.3f}",
+    "accuracy": lambda c, s: (
+        f"lm-eval {', '.join(s.get('tasks', {}))} (limit {c.get('limit')}): avg {s.get('average', 0):.3f}"
+    ),
+    "perplexity": lambda c, s: f"perplexity {s.get('perplexity', 0):.2f} over {s.get('tokens_scored')} tokens",
+    "latency": lambda c, s: f"decode step at context {c.get('context_len')}: {1000 * s.get('median_s', 0):.2f} ms",
     "results": lambda c, s: f"sweep {s.get('name')}: {s.get('cells')} cells, {s.get('failed')} failed",
 }
 

@@ -26,12 +26,15 @@ from prefect.logging import get_run_logger
 from prefect.serializers import JSONSerializer
 from prefect.settings import PREFECT_API_URL
 
+from sd2_core.accuracy import accuracy_recipe
 from sd2_core.artifacts import Recipe, produce
 from sd2_core.distill import distill_recipe
 from sd2_core.errors import TransientError
 from sd2_core.finetune import finetune_recipe
+from sd2_core.latency import latency_recipe
 from sd2_core.mal import mal_recipe, reference_recipe
 from sd2_core.models import model_recipe
+from sd2_core.perplexity import perplexity_recipe
 from sd2_core.pruning.oneshot import layer_prune_recipe, prune_recipe
 from sd2_core.reporting import results_recipe
 from sd2_core.serve_bench import serve_bench_recipe, served_target_recipe
@@ -174,6 +177,9 @@ reference_task = _stage_task(reference_recipe, "reference")
 mal_task = _stage_task(mal_recipe, "mal")
 serve_target_task = _stage_task(served_target_recipe, "serve-target")
 serve_task = _stage_task(serve_bench_recipe, "serve")
+accuracy_task = _stage_task(accuracy_recipe, "accuracy")
+perplexity_task = _stage_task(perplexity_recipe, "perplexity")
+latency_task = _stage_task(latency_recipe, "latency")
 results_task = _stage_task(lambda store, **kw: results_recipe(**kw), "results")
 
 

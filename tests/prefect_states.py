@@ -32,6 +32,11 @@ SMOKE_CELL_TASKS = frozenset(
         "mal-one-shot",
         "finetune",
         "mal-sd2",
+        *(
+            f"{measure}-{model}"
+            for measure in ("accuracy", "perplexity", "latency")
+            for model in ("target", "one-shot", "sd2")
+        ),
     }
 )
 

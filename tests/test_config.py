@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from sd2_core.config import CellConfig, PruneConfig, SourceSpec, profile
+from sd2_core.config import CellConfig, GridConfig, PruneConfig, SourceSpec, profile
 from sd2_core.errors import UserError
 
 
@@ -40,3 +40,35 @@ def test_config_digest_tracks_content() -> None:
     with pytest.raises(pydantic.ValidationError, match="once"):
         CellConfig(sources=(SourceSpec(kind="math"), SourceSpec(kind="math")))
     assert CellConfig.model_validate_json(a.model_dump_json()) == a
+
+
+def test_grid_variants_default_to_the_profiles_and_named_ones_stay() -> None:
+    """The paper's grid adds its 66 % drafts; the laptop profiles keep four cells per draft."""
+    small = ["layer-50", "sgpt-50", "sgpt-2:4", "sgpt-75"]
+    assert GridConfig().variants == small
+    assert GridConfig(profile="smoke").variants == GridConfig(profile="cpu", variants=[]).variants == small
+    paper = GridConfig(profile="paper")
+    assert paper.variants == ["layer-50", "sgpt-50", "sgpt-2:4", "sgpt-66", "sgpt-75"]
+    assert [cell.prune.sparsity for cell in paper.cells()] == ["0.5", "0.5", "2:4", "0.66", "0.75"]
+    assert GridConfig(profile="paper", variants=["dense"]).variants == ["dense"]
+    assert "paper: layer-50, sgpt-50, sgpt-2:4, sgpt-66, sgpt-75" in GridConfig.model_fields["variants"].description
+
+
+def test_finetune_paper_settings() -> None:
+    """Appendix A: 16k steps at batch 8, twice that at 75 %; 128 x 2048 DCLM calibration; rates from the table."""
+    paper = profile("paper")
+    assert (paper.finetune.steps, paper.finetune.batch_size, paper.finetune.high_sparsity_steps_factor) == (
+        16_000,
+        8,
+        2,
+    )
+    assert (paper.finetune.learning_rate, paper.finetune.lr_scale, paper.finetune.warmup_ratio) == (None, 1.0, 0.05)
+    calibration = paper.prune.calibration
+    assert (calibration.uri, calibration.n_samples, calibration.seq_len) == (
+        "hf:mlfoundations/dclm-baseline-1.0",
+        128,
+        2048,
+    )
+    assert profile("cpu").finetune.lr_scale == 8.0 and profile("smoke").finetune.learning_rate == 1e-3
+    with pytest.raises(pydantic.ValidationError, match="lr_scale"):
+        CellConfig.model_validate({"finetune": {"lr_scale": 0}})

@@ -1,4 +1,5 @@
-"""Sparse fine-tuning: zeros stay zero, the loss falls, only responses carry loss, mixing and LR table.
+"""Sparse fine-tuning: zeros stay zero, the loss falls, only responses carry loss, mixing, the paper's LR table
+(SD² Appendix A) and the finetune stage's choice of rate and steps.
 
 The tokenizer is the real SmolLM2 one (session fixture ``smollm2_tokenizer`` from conftest.py);
 where that fixture is absent, a small real WordLevel tokenizer trained in memory with its own chat
@@ -8,17 +9,28 @@ template stands in. The label tests run on both.
 from __future__ import annotations
 
 import collections
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from sd2_core.artifacts import Recipe, produce
 from sd2_core.chat import IGNORE_INDEX, tokenize_chat_example
-from sd2_core.config import FinetuneConfig
+from sd2_core.config import FinetuneConfig, profile, variant_prune
 from sd2_core.data.mixing import mix_examples
 from sd2_core.errors import UserError
-from sd2_core.finetune import finetune_sparse, warmup_linear_decay
-from sd2_core.learning_rates import SPARSITY_COLUMNS, default_learning_rate
+from sd2_core.finetune import finetune_recipe, finetune_sparse, learning_rate, warmup_linear_decay
+from sd2_core.learning_rates import (
+    COLUMNS,
+    KINDS,
+    LLAMA_ROWS,
+    QWEN_ROWS,
+    default_learning_rate,
+    learning_rate_choice,
+)
+from sd2_core.store import Store
 
 CORPUS = [
     "user assistant : what is two plus two ? it is four .",
@@ -294,8 +306,11 @@ def test_cuda_on_a_machine_without_it_is_refused_before_training(new_model, chat
 def test_learning_rate_defaults_to_the_table(new_model, chat_tokenizer):
     model = new_model()
     cfg = FinetuneConfig(steps=1, batch_size=1, max_seq_len=128)
-    result = finetune_sparse(model, chat_tokenizer, EXAMPLES, cfg, num_params_for_lr=3_000_000_000, sparsity_for_lr=0.5)
-    assert result["lr"] == default_learning_rate(3_000_000_000, 0.5)
+    result = finetune_sparse(
+        model, chat_tokenizer, EXAMPLES, cfg, num_params_for_lr=3_000_000_000, sparsity_for_lr=0.5, kind_for_lr="nm"
+    )
+    assert result["lr"] == default_learning_rate(3_000_000_000, 0.5, "nm") == 7.5e-6
+    assert result["lr_source"] == "SD² Appendix A, row Llama-3.2-3B-Instruct (nearest size ≥ 3B), column 2:4"
 
 
 def test_rows_with_the_response_cut_away_are_skipped_and_none_usable_is_refused(new_model, chat_tokenizer):
@@ -372,24 +387,180 @@ def test_mix_refuses_bad_weights(weights, total, match):
 # ---------------------------------------------------------------- learning-rate table
 
 
-def test_learning_rate_table_is_monotone_and_maps_to_nearest_row():
-    sizes = [494_000_000, 1_236_000_000, 1_544_000_000, 3_100_000_000]
-    for size in sizes:
-        rates = [default_learning_rate(size, s) for s in SPARSITY_COLUMNS]
-        assert rates == sorted(rates) and len(set(rates)) == len(rates), "higher sparsity should not lower the lr"
-    for s in SPARSITY_COLUMNS:
-        rates = [default_learning_rate(size, s) for size in sizes]
-        assert rates == sorted(rates, reverse=True), "a larger model should not get a larger lr"
-    assert default_learning_rate(135_000_000, 0.5) == default_learning_rate(494_000_000, 0.5)  # below the table
-    assert default_learning_rate(70_000_000_000, 0.0) == default_learning_rate(3_100_000_000, 0.0)  # above it
-    assert default_learning_rate(3_210_000_000, 0.0) == default_learning_rate(3_090_000_000, 0.0)
-    assert default_learning_rate(1_236_000_000, 0.49) == default_learning_rate(1_236_000_000, 0.5)
-    assert 1e-6 <= default_learning_rate(1_236_000_000, 0.0) <= 1e-4
+# The paper's table (Lasby et al., 2025, arXiv 2504.08838, Appendix A), cell by cell; None = the paper ran none.
+PAPER_TABLE = {
+    "Llama-3.2-1B-Instruct": (1_235_814_400, (1.25e-5, 1.25e-5, 1.25e-5, 2.0e-5, 5.0e-5)),
+    "Llama-3.2-3B-Instruct": (3_212_749_824, (7.5e-6, 7.5e-6, 7.5e-6, 1.25e-5, 2.0e-5)),
+    "Qwen-2.5-0.5B-Instruct": (494_032_768, (1.25e-5, 1.25e-5, 1.25e-5, None, None)),
+    "Qwen-2.5-1.5B-Instruct": (1_543_714_304, (1.25e-5, 1.25e-5, 1.25e-5, None, None)),
+    "Qwen-2.5-3B-Instruct": (3_085_938_688, (7.5e-6, 7.5e-6, 7.5e-6, None, None)),
+}
+# each column as (sparsity, kind)
+COLUMN_INPUTS = {
+    "50 %": (0.5, "unstructured"),
+    "2:4": (0.5, "nm"),
+    "50 % layer-pruned": (0.5, "layer"),
+    "66 %": (0.66, "unstructured"),
+    "75 %": (0.75, "unstructured"),
+}
+
+
+@pytest.mark.parametrize("row", PAPER_TABLE)
+def test_every_cell_of_the_paper_table_for_its_own_draft(row):
+    num_params, rates = PAPER_TABLE[row]
+    assert tuple(COLUMN_INPUTS) == COLUMNS
+    for column, rate in zip(COLUMNS, rates, strict=True):
+        if rate is None:
+            continue
+        lr, row_name, column_name, note = learning_rate_choice(num_params, *COLUMN_INPUTS[column])
+        assert (lr, row_name, column_name) == (rate, row, column), note
+        assert note == f"row {row} (the paper's own draft), column {column}"
+
+
+def test_qwen_rows_agree_with_the_llama_rows_of_their_tier():
+    small, large = LLAMA_ROWS
+    for row in QWEN_ROWS:
+        tier = small if row.rates["50 %"] == small.rates["50 %"] else large
+        assert row.rates == {c: tier.rates[c] for c in ("50 %", "2:4", "50 % layer-pruned")}, row.name
+    assert QWEN_ROWS[-1].rates["50 %"] == large.rates["50 %"]
+
+
+def test_a_size_not_in_the_table_takes_the_nearest_llama_row_at_least_as_large():
+    small = learning_rate_choice(135_000_000, 0.5, "unstructured")
+    assert (small.lr, small.row, small.column) == (1.25e-5, "Llama-3.2-1B-Instruct", "50 %")
+    assert small.source == "SD² Appendix A, row Llama-3.2-1B-Instruct (nearest size ≥ 135M), column 50 %"
+    assert learning_rate_choice(135_000_000, 0.75, "unstructured").lr == 5.0e-5
+    middle = learning_rate_choice(2_000_000_000, 0.5, "unstructured")
+    assert (middle.lr, middle.row) == (7.5e-6, "Llama-3.2-3B-Instruct") and "nearest size ≥ 2B" in middle.note
+    assert learning_rate_choice(2_000_000_000, 0.66, "unstructured").lr == 1.25e-5
+    huge = learning_rate_choice(70_000_000_000, 0.75, "unstructured")
+    assert (huge.lr, huge.row) == (2.0e-5, "Llama-3.2-3B-Instruct") and "above the largest" in huge.note
+    # a paper Qwen draft at a sparsity the paper never ran on it falls back to the size rule, and says so
+    qwen = learning_rate_choice(494_032_768, 0.75, "unstructured")
+    assert (qwen.lr, qwen.row) == (5.0e-5, "Llama-3.2-1B-Instruct")
+    assert "no 75 % Qwen-2.5-0.5B-Instruct" in qwen.note
+
+
+def test_smaller_and_sparser_drafts_get_higher_rates():
+    sizes = [135_000_000, LLAMA_ROWS[0].num_params, 2_000_000_000, LLAMA_ROWS[1].num_params, 70_000_000_000]
+    for sparsity in (0.5, 0.66, 0.75):
+        rates = [default_learning_rate(size, sparsity, "unstructured") for size in sizes]
+        assert rates == sorted(rates, reverse=True), sparsity
+    for row in LLAMA_ROWS:
+        rates = [default_learning_rate(row.num_params, s, "unstructured") for s in (0.5, 0.66, 0.75)]
+        assert rates == sorted(rates) and len(set(rates)) == 3, row.name
+
+
+def test_the_kind_picks_the_column_and_odd_sparsities_say_which_column_stands_in():
+    size = 1_000_000_000
+    assert [learning_rate_choice(size, 0.5, kind).column for kind in ("unstructured", "nm", "layer")] == [
+        "50 %",
+        "2:4",
+        "50 % layer-pruned",
+    ]
+    dense = learning_rate_choice(size, 0.0, "dense")
+    assert (dense.lr, dense.column) == (1.25e-5, "50 %") and "no dense draft" in dense.note
+    assert learning_rate_choice(size, 0.0) == dense  # no kind at sparsity 0: dense
+    assert learning_rate_choice(size, 0.5) == learning_rate_choice(size, 0.5, "unstructured")
+    assert learning_rate_choice(size, 2 / 3, "unstructured").column == "66 %"
+    assert learning_rate_choice(size, 0.72, "unstructured").column == "75 %"
+    assert "nearest column to 72 %" in learning_rate_choice(size, 0.72, "unstructured").note
+    assert learning_rate_choice(size, 0.3, "unstructured").column == "50 %"
+    assert "only N:M column is 2:4" in learning_rate_choice(size, 0.25, "nm").note
+    assert "layer-prunes only 50 %" in learning_rate_choice(size, 0.25, "layer").note
 
 
 @pytest.mark.parametrize(
-    ("num_params", "sparsity"), [(0, 0.5), (-5, 0.0), (10**9, 1.0), (10**9, -0.1), (10**9, float("nan"))]
+    ("num_params", "sparsity", "kind", "match"),
+    [
+        (0, 0.5, "unstructured", "num_params must be a positive integer.*got 0"),
+        (-5, 0.5, "unstructured", "got -5"),
+        (True, 0.5, "unstructured", "got True"),
+        (1.5e9, 0.5, "unstructured", "got 1500000000.0"),
+        (10**9, 1.0, "unstructured", r"sparsity must be a fraction in \[0, 1\).*got 1.0"),
+        (10**9, -0.1, "unstructured", "got -0.1"),
+        (10**9, float("nan"), "unstructured", "got nan"),
+        (10**9, "0.5", "unstructured", "got '0.5'"),
+        (10**9, 0.5, "blocks", "unknown kind of sparsity 'blocks'; valid: " + ", ".join(KINDS)),
+        (10**9, 0.5, "dense", "a dense draft has sparsity 0, got 0.5"),
+        (10**9, 0.0, "nm", "kind 'nm' needs a sparsity in \\(0, 1\\), got 0"),
+    ],
 )
-def test_learning_rate_table_refuses_bad_input(num_params, sparsity):
-    with pytest.raises(UserError):
-        default_learning_rate(num_params, sparsity)
+def test_learning_rate_table_refuses_bad_input(num_params, sparsity, kind, match):
+    with pytest.raises(UserError, match=match):
+        learning_rate_choice(num_params, sparsity, kind)
+
+
+def test_an_explicit_rate_wins_and_lr_scale_multiplies_only_the_table():
+    size = 135_000_000
+    assert learning_rate(FinetuneConfig(learning_rate=3e-4, lr_scale=8.0), size, 0.5, "nm") == (
+        3e-4,
+        "set in the config (learning_rate)",
+    )
+    lr, source = learning_rate(FinetuneConfig(lr_scale=8.0), size, 0.5, "nm")
+    assert lr == pytest.approx(1e-4)
+    assert (
+        source == "SD² Appendix A, row Llama-3.2-1B-Instruct (nearest size ≥ 135M), column 2:4: 1.25e-05 × lr_scale 8"
+    )
+    assert learning_rate(FinetuneConfig(), size, 0.5, "nm") == (1.25e-5, learning_rate_choice(size, 0.5, "nm").source)
+    assert profile("cpu").finetune.lr_scale == 8.0 and profile("paper").finetune.lr_scale == 1.0
+
+
+# ---------------------------------------------------------------- the finetune stage
+
+
+def _rows(out: Path, progress) -> dict:
+    (out / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EXAMPLES))
+    return {"kind": "general"}
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory):
+    """A store with the tiny random Llama (the smoke model), its drafts and one distilled source."""
+    from sd2_core.models import model_recipe
+    from sd2_core.pruning.oneshot import layer_prune_recipe, prune_recipe
+
+    store = Store(str(tmp_path_factory.mktemp("finetune-stage") / "store"))
+    model = produce(store, model_recipe(store, "tiny-random-llama"))
+    distilled = produce(store, Recipe("distill", {"rows": "EXAMPLES"}, (), _rows))
+    base = profile("smoke").prune
+    drafts = {"dense": model}
+    for name in ("sgpt-50", "sgpt-75", "sgpt-2:4"):
+        drafts[name] = produce(store, prune_recipe(store, model, variant_prune(name, base)))
+    drafts["layer-50"] = produce(store, layer_prune_recipe(store, model, variant_prune("layer-50", base)))
+    return store, drafts, [distilled]
+
+
+def _finetune(stage_inputs, variant: str, **changes) -> dict:
+    store, drafts, distilled = stage_inputs
+    cfg = profile("smoke").finetune.model_copy(update={"mix": {"general": 1.0}, "learning_rate": None, **changes})
+    return produce(store, finetune_recipe(store, drafts[variant], distilled, cfg)).summary
+
+
+def test_the_stage_records_the_rate_it_chose_and_trains_75_percent_drafts_twice_as_long(stage_inputs):
+    store, drafts, _ = stage_inputs
+    size = drafts["dense"].summary["total_params"]
+    at_75 = _finetune(stage_inputs, "sgpt-75", lr_scale=4.0)
+    assert (at_75["steps"], at_75["steps_factor"]) == (8, 2.0)  # smoke's 4 steps, doubled
+    assert at_75["lr"] == pytest.approx(4 * 5.0e-5)
+    assert at_75["lr_source"] == (
+        f"SD² Appendix A, row Llama-3.2-1B-Instruct (nearest size ≥ {size / 1e6:.3g}M), column 75 %: 5e-05 × lr_scale 4"
+    )
+    assert (at_75["sparsity_kind"], at_75["sparsity_target_fraction"]) == ("unstructured", 0.75)
+    at_50 = _finetune(stage_inputs, "sgpt-50")
+    assert (at_50["steps"], at_50["steps_factor"], at_50["lr"]) == (4, 1.0, 1.25e-5)
+    assert at_50["lr_source"].endswith("column 50 %")
+    assert _finetune(stage_inputs, "sgpt-75", high_sparsity_steps_factor=1.0)["steps"] == 4
+
+
+def test_the_stage_passes_the_kind_of_sparsity_and_an_explicit_rate_wins(stage_inputs):
+    store, drafts, _ = stage_inputs
+    assert _finetune(stage_inputs, "sgpt-2:4")["lr_source"].endswith("column 2:4")
+    layer = _finetune(stage_inputs, "layer-50")
+    assert layer["lr_source"].endswith("column 50 % layer-pruned") and layer["sparsity_kind"] == "layer"
+    # the row is looked up by the model layer pruning started from, not what is left of it
+    assert layer["lr_params"] == drafts["dense"].summary["total_params"] > layer["total_params"]
+    dense = _finetune(stage_inputs, "dense")
+    assert dense["sparsity_kind"] == "dense" and "no dense draft" in dense["lr_source"]
+    given = _finetune(stage_inputs, "sgpt-75", learning_rate=1e-3, lr_scale=8.0)
+    assert (given["lr"], given["lr_source"], given["steps"]) == (1e-3, "set in the config (learning_rate)", 8)

@@ -141,7 +141,10 @@ def test_variants_dense_layer_and_2_4(prefect_api, tmp_path: Path) -> None:
     assert artifacts["sd2-sweep-progress"] == 100.0
     assert len(json.loads(artifacts["sd2-sweep-results"])) == 12
     summary_md = artifacts["sd2-sweep-summary"]
-    assert "6 cells, 3 completed, 3 failed" in summary_md and summary_md.count("data:image/png;base64,") == 3
+    assert "6 cells, 3 completed, 3 failed" in summary_md
+    # MAL vs MACs, theoretical factor, MAL with intervals, practical factor, accuracy, perplexity
+    assert summary_md.count("data:image/png;base64,") == 6
+    assert "Is SD² better than one-shot here?" in summary_md and "paired bootstrap" in summary_md
     assert "results.parquet" in summary_md
     assert set(table["status"]) == {"completed"}
     k = 3
@@ -154,3 +157,15 @@ def test_variants_dense_layer_and_2_4(prefect_api, tmp_path: Path) -> None:
     assert table.loc[("layer-50", "one_shot"), "c"] < table.loc[("dense", "one_shot"), "c"]
     assert (table["mal"].between(1.0, k + 1)).all()
     assert (table["lossless"] == table["lossless_total"]).all()
+    # every draft and the target judged besides MAL: intervals, accuracy (lm-eval), perplexity, measured latency
+    assert (table["mal_lo"] <= table["mal"]).all() and (table["mal"] <= table["mal_hi"]).all()
+    assert table.loc[("dense", "one_shot"), "mal_lo"] == pytest.approx(k + 1)  # every prompt accepts all: no spread
+    sd2_rows = table.xs("sd2", level="stage")
+    assert sd2_rows["mal_gain"].notna().all() and (sd2_rows["mal_gain_lo"] <= sd2_rows["mal_gain_hi"]).all()
+    assert table["acc_winogrande"].between(0, 1).all() and table["acc_target_average"].notna().all()
+    assert (table["perplexity"] > 1).all() and (table["perplexity_target"] > 1).all()
+    assert (table["latency_draft_ms"] > 0).all() and (table["improvement_factor_practical"] > 0).all()
+    # dense one-shot is the target itself: the same perplexity
+    assert table.loc[("dense", "one_shot"), "perplexity"] == pytest.approx(
+        table.loc[("dense", "one_shot"), "perplexity_target"]
+    )

@@ -8,6 +8,9 @@ calibration batch fits on CPU.
 
 Module names are full model paths ("model.layers.0.self_attn.q_proj"), the keying fine-tuning
 uses for its fixed masks. Embeddings and lm_head are never touched.
+
+A non-uniform layer-wise distribution (OWL, angular: `distribution.py`) first walks the DENSE model the same way,
+one layer at a time, to score every layer; then layer ℓ is pruned at its own sparsity. Uniform skips that pass.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ from torch import Tensor, nn
 
 from sd2_core.artifacts import Progress
 from sd2_core.errors import UserError
+from sd2_core.pruning.distribution import (
+    check_distribution,
+    dense_layer_score,
+    parameters,
+    scale_to_sparsities,
+)
 from sd2_core.pruning.sparsegpt import HessianAccumulator, prepare_hessian, sparsegpt_prune
 from sd2_core.pruning.sparsity import SparsitySpec, check_nm_width, parse_sparsity
 from sd2_core.pruning.structure import as_hidden, decoder_linears, measure_sparsity, require_decoder_layers
@@ -156,6 +165,12 @@ def _to(device: torch.device, value: Any) -> Any:
     return value
 
 
+def _zero_fraction(linears: dict[str, nn.Linear]) -> float:
+    """Zeros over weights of one layer's Linears together (what its target counts)."""
+    zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
+    return zeros / sum(m.weight.numel() for m in linears.values())
+
+
 def _check_inputs(input_ids: Tensor, attention_mask: Tensor) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] < 1:
         raise UserError(f"input_ids must be [N, L] with N >= 1, got shape {tuple(input_ids.shape)}")
@@ -165,6 +180,81 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor) -> None:
         )
     if int((attention_mask != 0).sum()) == 0:
         raise UserError("attention_mask is all zeros: the calibration batch holds no real token")
+
+
+def _dense_scores(
+    layers: nn.ModuleList,
+    hidden: list[Tensor],
+    layer_calls: list[list[tuple[tuple, dict[str, Any]]]],
+    mask: Tensor,
+    work: torch.device,
+    name: str,
+    threshold_m: float,
+) -> list[float]:
+    """Every layer's score on the DENSE model (as OWL's reference scores before pruning), one layer on ``work`` at
+    a time as the pruner moves them, each put back where it was. ``hidden`` (layer 0's inputs) is left as it is,
+    for the pruning pass that follows."""
+    scores: list[float] = []
+    hidden = _to(work, hidden)
+    for index, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(work)
+        score, hidden = dense_layer_score(layer, hidden, _to(work, layer_calls[index]), mask, name, threshold_m)
+        layer.to(home)
+        scores.append(score)
+    return scores
+
+
+def _layer_specs(
+    layers: nn.ModuleList,
+    calls: Calls,
+    mask: Tensor,
+    work: torch.device,
+    spec: SparsitySpec,
+    distribution: str,
+    threshold_m: float,
+    lam: float,
+) -> tuple[list[SparsitySpec], dict[str, Any]]:
+    """Each layer's target and the distribution's record (name, parameters, scores, targets). Uniform passes
+    ``spec`` itself to every layer, untouched, so its masks are exactly those of a run without distributions."""
+    record: dict[str, Any] = {"name": distribution, "parameters": parameters(distribution, threshold_m, lam)}
+    if distribution == "uniform":
+        specs = [spec] * len(layers)
+    else:
+        scores = _dense_scores(layers, calls[0], calls[1], mask, work, distribution, threshold_m)
+        targets = scale_to_sparsities(scores, spec.fraction, lam)
+        specs = [parse_sparsity(t) for t in targets]
+        record["scores"] = scores
+        log.info("%s layer sparsities: %s", distribution, ", ".join(f"{t:.4f}" for t in targets))
+    record["targets"] = [s.fraction for s in specs]
+    return specs, record
+
+
+@torch.no_grad()
+def layer_sparsities(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    spec: SparsitySpec | str | float,
+    distribution: str,
+    threshold_m: float = 5.0,
+    lam: float = 0.08,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """The distribution's record for ``model`` without pruning it (name, parameters, per-layer scores and targets),
+    computed exactly as `prune_model` does before its first layer."""
+    spec = parse_sparsity(spec)
+    check_distribution(distribution, spec, lam, threshold_m)
+    layers = require_decoder_layers(model)
+    _check_inputs(input_ids, attention_mask)
+    was_training = model.training
+    model.eval()
+    try:
+        work = torch.device(device) if device is not None else next(model.parameters()).device
+        calls = _capture_layer_calls(model, layers, input_ids, attention_mask)
+        return _layer_specs(layers, calls, attention_mask.to(work), work, spec, distribution, threshold_m, lam)[1]
+    finally:
+        model.train(was_training)
 
 
 def prune_model(
@@ -177,6 +267,9 @@ def prune_model(
     progress: Progress | None = None,
     device: torch.device | str | None = None,
     share_hessians: bool = True,
+    distribution: str = "uniform",
+    owl_threshold_m: float = 5.0,
+    owl_lambda: float = 0.08,
 ) -> dict[str, Any]:
     """Prune every decoder Linear of ``model`` in place with SparseGPT, one decoder layer after another.
 
@@ -186,8 +279,11 @@ def prune_model(
     occupy the device. Returns a JSON-able report: target label, per-module {sparsity, damp_used, retries,
     error}, overall decoder-Linear sparsity, seconds. ``share_hessians=False`` gives every Linear its own Hessian
     and inverse even where it shares its input with others: the same result, slower (for checks and benchmarks).
+    ``distribution`` (uniform | owl | angular, with OWL's M and λ) spreads ``spec`` over the layers; the report's
+    ``distribution`` holds its name, parameters, per-layer targets (and scores) and the measured per-layer sparsity.
     """
     spec = parse_sparsity(spec)
+    check_distribution(distribution, spec, owl_lambda, owl_threshold_m)
     layers = require_decoder_layers(model)
     _check_inputs(input_ids, attention_mask)
     for name, linear in decoder_linears(model).items():  # fail before the expensive part
@@ -205,7 +301,11 @@ def prune_model(
             home = next(model.parameters()).device
             work = torch.device(device) if device is not None else home
             hidden, calls = _capture_layer_calls(model, layers, input_ids, attention_mask)  # where the model is
-            hidden, mask = _to(work, hidden), attention_mask.to(work)
+            mask = attention_mask.to(work)
+            specs, record = _layer_specs(
+                layers, (hidden, calls), mask, work, spec, distribution, owl_threshold_m, owl_lambda
+            )
+            hidden = _to(work, hidden)
             for index, layer in enumerate(layers):
                 prefix = names[id(layer)]
                 layer.to(work)
@@ -223,7 +323,7 @@ def prune_model(
                     for name in group:
                         linear = linears[name]
                         full = f"{prefix}.{name}"
-                        result = sparsegpt_prune(linear.weight, prepared, spec, blocksize=blocksize, name=full)
+                        result = sparsegpt_prune(linear.weight, prepared, specs[index], blocksize=blocksize, name=full)
                         linear.weight.copy_(result.weight)
                         per_module[full] = {
                             "sparsity": float((linear.weight == 0).float().mean().item()),
@@ -235,15 +335,18 @@ def prune_model(
                 # the pruned layer's outputs are what the next layer will see at inference
                 hidden = [as_hidden(layer(h, *a, **kw)) for h, (a, kw) in zip(hidden, layer_calls, strict=True)]
                 layer.to(home)
-                log.info("pruned decoder layer %d/%d (%s) to %s", index + 1, len(layers), prefix, spec.label)
+                label = specs[index].label
+                log.info("pruned decoder layer %d/%d (%s) to %s", index + 1, len(layers), prefix, label)
                 if progress is not None:
-                    progress(index + 1, len(layers), f"pruned {prefix} to {spec.label}")
+                    progress(index + 1, len(layers), f"pruned {prefix} to {label}")
     finally:
         model.train(was_training)
 
     overall = measure_sparsity(model)["overall"]
+    record["measured"] = [_zero_fraction(decoder_linears(layer)) for layer in layers]
     return {
         "spec": spec.label,
+        "distribution": record,
         "per_module": per_module,
         "shared_hessians": shared_groups,
         "overall_sparsity": overall,

@@ -37,6 +37,17 @@ def _key_config(cfg: PruneConfig, placement: Placement, *fields: str) -> dict[st
     return {**chosen, "placement": placement.identity, **data_identity(cfg.calibration.uri)}
 
 
+def _distribution_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """How the sparsity was spread over the layers (name, parameters, per-layer target and measured, layer order),
+    rounded for the manifest; `prune_report.json` keeps the full record with the layers' scores."""
+    return {
+        "distribution": record["name"],
+        "distribution_parameters": record["parameters"],
+        "layer_sparsity_target": [round(t, 6) for t in record["targets"]],
+        "layer_sparsity": [round(m, 6) for m in record["measured"]],
+    }
+
+
 def prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
     """The `prune` stage: SparseGPT one-shot pruning of the draft on real calibration text."""
     from sd2_core.pruning.model_pruner import prune_model
@@ -58,6 +69,9 @@ def prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
             percdamp=cfg.percdamp,
             progress=progress,
             device=placement.device,
+            distribution=cfg.distribution,
+            owl_threshold_m=cfg.owl_threshold_m,
+            owl_lambda=cfg.owl_lambda,
         )
         sparsity = measure_sparsity(model)
         save_model(model, tokenizer, out)
@@ -66,6 +80,7 @@ def prune_recipe(store: Store, draft: ArtifactRef, cfg: PruneConfig) -> Recipe:
             "sparsity_target": spec.label,
             **params_summary(sparsity),
             "damp_retries": sum(int(m.get("retries", 0)) for m in report["per_module"].values()),
+            **_distribution_summary(report["distribution"]),
         }
 
     # The stage is SparseGPT: `method` is implied by it and stays out of the key.
