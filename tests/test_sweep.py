@@ -15,7 +15,10 @@ from sd2.cli import main
 from sd2_core.config import GridConfig
 from sd2_core.models import builtin_dir
 
+MEASURES = ("accuracy", "perplexity", "latency")
 SHARED = {"materialize-target", "distill-general", "distill-translation", "distill-math", "target-greedy-reference"}
+SHARED |= {f"{measure}-target" for measure in MEASURES}
+DRAFT_EVALUATION = {f"{measure}-{draft}" for measure in MEASURES for draft in ("one-shot", "sd2")}
 
 
 def _draft_folder(path: Path, seed: int, with_weights: bool = True) -> Path:
@@ -74,7 +77,7 @@ def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, ca
     assert done["sparsity"].between(0.49, 0.51).all()
     assert any(c.startswith("mal_") and c not in ("mal_s", "mal_uri") for c in table.columns)
     assert (Path(summary["results"]) / "results.csv").exists()
-    assert len(summary["plots"]) == 3 and all(Path(p).stat().st_size > 1000 for p in summary["plots"])
+    assert len(summary["plots"]) == 6 and all(Path(p).stat().st_size > 1000 for p in summary["plots"])
 
     # remove the cause; the same sweep again recomputes only the failed cell
     (tmp_path / "draft-broken.weights").rename(broken / "model.safetensors")
@@ -85,7 +88,7 @@ def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, ca
     assert second["state"] == "COMPLETED" and second["failed"] == []
     assert len(_results(second)) == 6
 
-    cell_stages = SHARED | {"prune-0.5", "mal-one-shot", "finetune", "mal-sd2"}  # + materialize-draft: another draft
+    cell_stages = SHARED | DRAFT_EVALUATION | {"prune-0.5", "mal-one-shot", "finetune", "mal-sd2"}  # + another draft
     expected = {
         f"cell-{draft}-sgpt-50": cell_stages if draft == "tiny-random-llama" else cell_stages | {"materialize-draft"}
         for draft in grid.drafts
@@ -102,6 +105,7 @@ def test_failed_cell_is_isolated_and_rerun_alone(prefect_api, tmp_path: Path, ca
                 "mal-one-shot",
                 "finetune",
                 "mal-sd2",
+                *DRAFT_EVALUATION,
             }, rerun
             assert all(states[n] == "Cached" for n in SHARED)
         else:
