@@ -136,17 +136,16 @@ def _lm_eval_tasks_dir() -> Path:
 
 
 def _embedded(name: str) -> Path:
-    from sd2_core.data import EMBEDDED_DIR, embedded_path
+    from sd2_core.data import embedded_path
 
-    path = (EMBEDDED_DIR / "eval" / name).resolve()
-    return embedded_path(str(path.relative_to(EMBEDDED_DIR)))
+    return embedded_path(f"eval/{name}")
 
 
 def _yaml(path: Path, config: dict[str, Any]) -> None:
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML: no second serializer needed
 
 
-def _local_task(name: str, spec: SuiteTask, workdir: Path, files: dict[str, Path]) -> dict[str, Any]:
+def _local_task(name: str, spec: SuiteTask, files: dict[str, Path]) -> dict[str, Any]:
     """A task config that is lm-eval's own YAML with the data read from local JSON-lines files."""
     return {
         "include": str(_lm_eval_tasks_dir() / spec.yaml),
@@ -172,7 +171,7 @@ def _mmlu_configs(spec: SuiteTask, workdir: Path) -> None:
         for split, lines in splits.items():
             files[split] = workdir / f"mmlu_{subject}_{split}.jsonl"
             files[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
-        config = _local_task(f"sd2_mmlu_{subject}", spec, workdir, files)
+        config = _local_task(f"sd2_mmlu_{subject}", spec, files)
         config["include"] = str(_lm_eval_tasks_dir() / "mmlu" / "default" / f"mmlu_{subject}.yaml")
         config["task_alias"] = subject
         _yaml(workdir / f"sd2_mmlu_{subject}.yaml", config)
@@ -196,7 +195,7 @@ def write_task_configs(tasks: tuple[str, ...], workdir: Path) -> dict[str, str]:
             names[name] = "sd2_mmlu"
             continue
         files = {split: _embedded(file) for split, file in spec.files.items()}
-        _yaml(workdir / f"sd2_{name}.yaml", _local_task(f"sd2_{name}", spec, workdir, files))
+        _yaml(workdir / f"sd2_{name}.yaml", _local_task(f"sd2_{name}", spec, files))
         names[name] = f"sd2_{name}"
     return names
 
